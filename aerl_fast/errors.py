@@ -1,0 +1,14 @@
+"""One base class for problems the user can fix (bad flag, missing file, foreign checkpoint):
+the CLIs print them as one line and exit non-zero instead of showing a traceback."""
+
+
+class UserError(Exception):
+    pass
+
+
+class ConfigError(UserError, ValueError):
+    pass
+
+
+class CheckpointError(UserError):
+    pass
