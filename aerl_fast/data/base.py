@@ -1,0 +1,64 @@
+"""What every dataset source returns, and the error it raises."""
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+import numpy as np
+
+from aerl_fast.errors import UserError
+
+
+class DatasetError(UserError):
+    """A dataset is missing, malformed or inconsistent; the message names the file and the problem."""
+
+
+class ImageSet(NamedTuple):
+    images: np.ndarray   # uint8 [N, H, W, 3]
+    labels: np.ndarray   # int64 [N]
+    classes: List[str]   # class names, index = label
+
+
+def to_uint8_hwc(x, where: str) -> np.ndarray:
+    """Accept uint8 or float-in-[0,1] images, NHWC or NCHW with 1 or 3 channels; return uint8 NHWC RGB."""
+    x = np.asarray(x)
+    if x.ndim == 3:  # grayscale N,H,W
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DatasetError(f"{where}: images must be 4-D [N,H,W,C] or [N,C,H,W], got shape {x.shape}")
+    if x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
+        x = x.transpose(0, 2, 3, 1)
+    if x.shape[-1] not in (1, 3):
+        raise DatasetError(f"{where}: images need 1 or 3 channels, got shape {x.shape}")
+    if x.dtype == np.uint8:
+        out = x
+    elif np.issubdtype(x.dtype, np.floating):
+        if x.size and (np.nanmin(x) < 0.0 or np.nanmax(x) > 1.0 or np.isnan(x).any()):
+            raise DatasetError(f"{where}: float images must lie in [0, 1], got range "
+                               f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+        out = np.round(x * 255.0).astype(np.uint8)
+    elif np.issubdtype(x.dtype, np.integer):
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise DatasetError(f"{where}: integer images must lie in [0, 255], got [{x.min()}, {x.max()}]")
+        out = x.astype(np.uint8)
+    else:
+        raise DatasetError(f"{where}: unsupported image dtype {x.dtype}")
+    if out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    return np.ascontiguousarray(out)
+
+
+def check_labels(labels, num_classes: int, where: str) -> np.ndarray:
+    """int64 labels in [0, num_classes), or a DatasetError naming the bad value."""
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise DatasetError(f"{where}: labels must be 1-D, got shape {y.shape}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise DatasetError(f"{where}: labels must be integers, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
+        raise DatasetError(f"{where}: label {bad} out of range for {num_classes} classes")
+    return y

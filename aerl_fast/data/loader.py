@@ -1,0 +1,132 @@
+"""The on-device loader: the whole uint8 dataset lives on the training device; each batch is a
+gather, a batched augmentation on uint8 and one conversion to float in [0, 1].
+
+Randomness is counter-based: the epoch's permutation depends on (seed, epoch) and each batch's
+augmentation on (seed, epoch, step).  Resuming at any (epoch, step) therefore reproduces exactly
+the batches an uninterrupted run would have seen, with no generator state to carry around.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PAD_MODES = ("zeros", "reflect", "replicate")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The study's augmentation: random h-flip, random v-flip, random translation up to `translate`
+    of the image size (integer pixel shifts, uniform in [-m, m]); vacated pixels filled per `pad_mode`
+    (zeros, as torchvision's RandomAffine does by default)."""
+    hflip: bool = True
+    vflip: bool = True
+    translate: float = 0.1
+    pad_mode: str = "zeros"
+
+    def __post_init__(self):
+        if not 0.0 <= self.translate < 0.5:
+            raise ValueError(f"translate must be in [0, 0.5), got {self.translate}")
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.hflip or self.vflip or self.translate > 0
+
+
+def _seed(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Flip and translate an NCHW batch (uint8 or float), each sample independently.
+
+    Flips and shifts are folded into one index map per sample, so the whole augmentation is a
+    single gather from the padded batch (padding is symmetric, so flipping the padded image equals
+    padding the flipped one).
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    my, mx = int(math.floor(aug.translate * h)), int(math.floor(aug.translate * w))
+    rows = torch.arange(h, device=dev).expand(b, h) + my
+    cols = torch.arange(w, device=dev).expand(b, w) + mx
+    if my or mx:
+        rows = rows - torch.randint(-my, my + 1, (b, 1), device=dev, generator=generator)
+        cols = cols - torch.randint(-mx, mx + 1, (b, 1), device=dev, generator=generator)
+    H, W = h + 2 * my, w + 2 * mx
+    if aug.vflip:
+        rows = torch.where(torch.rand(b, 1, device=dev, generator=generator) < 0.5, H - 1 - rows, rows)
+    if aug.hflip:
+        cols = torch.where(torch.rand(b, 1, device=dev, generator=generator) < 0.5, W - 1 - cols, cols)
+    if not (my or mx or aug.vflip or aug.hflip):
+        return x
+    if not (my or mx):
+        padded = x
+    elif aug.pad_mode == "zeros":
+        padded = F.pad(x, (mx, mx, my, my))
+    else:  # reflect/replicate padding is implemented for float input only
+        padded = F.pad(x.float(), (mx, mx, my, my), mode=aug.pad_mode).to(x.dtype)
+    index = (rows[:, :, None] * W + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, H * W).gather(2, index).view(b, c, h, w)
+
+
+class DeviceLoader:
+    """Batches of (float images in [0,1] NCHW, int64 labels) from a device-resident uint8 dataset."""
+
+    def __init__(self, images, labels, batch_size: int, *, device="cpu", shuffle: bool = True,
+                 augment: Augment | None = None, drop_last: bool = False, seed: int = 0,
+                 channels_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        x = torch.as_tensor(images)
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be uint8 [N,H,W,C], got {x.dtype} {tuple(x.shape)}")
+        y = torch.as_tensor(labels, dtype=torch.int64)
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"{x.shape[0]} images but labels of shape {tuple(y.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("empty dataset: no images to load")
+        self.device = torch.device(device)
+        self.images = x.to(self.device).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW on device
+        self.labels = y.to(self.device)
+        self.batch_size = int(batch_size)
+        self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
+        self.seed, self.channels_last = int(seed), channels_last
+        self._gen = torch.Generator(device=self.device)
+
+    def __len__(self) -> int:
+        n = self.images.shape[0]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return self.images.shape[0]
+
+    def order(self, epoch: int) -> torch.Tensor:
+        n = self.images.shape[0]
+        if not self.shuffle:
+            return torch.arange(n, device=self.device)
+        self._gen.manual_seed(_seed(self.seed, epoch))
+        return torch.randperm(n, device=self.device, generator=self._gen)
+
+    def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch`, starting at batch `start_step` (for mid-epoch resume)."""
+        order = self.order(epoch)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            x = self.images.index_select(0, idx)
+            if self.augment is not None and self.augment.active:
+                self._gen.manual_seed(_seed(self.seed, epoch, step, 1))
+                x = augment_batch(x, self.augment, self._gen)
+            x = x.float().div_(255.0)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels.index_select(0, idx)
+
+    def __iter__(self):
+        return self.epoch(0)
