@@ -83,10 +83,12 @@ class DeviceLoader:
                  channels_last: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # torch refuses to share read-only memory
         x = torch.as_tensor(images)
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3):
             raise ValueError(f"images must be uint8 [N,H,W,C], got {x.dtype} {tuple(x.shape)}")
-        y = torch.as_tensor(labels, dtype=torch.int64)
+        y = torch.as_tensor(np.array(labels, dtype=np.int64))  # a copy: sources may be read-only
         if y.shape != (x.shape[0],):
             raise ValueError(f"{x.shape[0]} images but labels of shape {tuple(y.shape)}")
         if x.shape[0] == 0:

@@ -2,11 +2,13 @@
 
 Unpickling runs code named by the file, so a downloaded batch is never handed to `pickle.load`.
 CIFAR batches are Python 2 pickles holding only dicts, lists, str/bytes, ints and numpy uint8
-arrays; the only globals they name are numpy's array reconstructor, `ndarray` and `dtype`.
+arrays; the only globals they name are numpy's array reconstructor, `ndarray` and `dtype` (plus
+`_codecs.encode` in Python 3 re-pickles).
 Anything else is refused with the name it asked for.
 """
 from __future__ import annotations
 
+import codecs
 import io
 import pickle
 
@@ -22,6 +24,8 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    # Python 3 re-pickles of the batches at protocol 2 spell bytes as _codecs.encode(str, 'latin1')
+    ("_codecs", "encode"): codecs.encode,
 }
 
 

@@ -8,6 +8,7 @@ something to break; easy enough that a CPU run learns it in a minute or two.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -94,7 +95,16 @@ def generate_shapes(n: int, seed: int = 0, size: int = 32) -> ImageSet:
 
 
 def load_shapes(split: str = "train", seed: int = 0, n=None) -> ImageSet:
-    """The embedded dataset's train (12k) or test (2k) split; splits use disjoint seed streams."""
+    """The embedded dataset's train (12k) or test (2k) split; splits use disjoint seed streams.
+    Memoised per process (generation takes a few seconds; the arrays are read-only)."""
     if split not in SIZES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    return generate_shapes(n or SIZES[split], seed=seed * 2 + _SPLIT_STREAM[split])
+    return _cached(n or SIZES[split], seed * 2 + _SPLIT_STREAM[split])
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(n: int, seed: int) -> ImageSet:
+    out = generate_shapes(n, seed=seed)
+    out.images.setflags(write=False)
+    out.labels.setflags(write=False)
+    return out

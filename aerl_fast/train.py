@@ -1,0 +1,401 @@
+"""Train one model of the study:  python -m aerl_fast.train [--preset NAME] [flags]
+
+Data flows one way: source (uint8 arrays) → DeviceLoader (device-resident, batched augmentation)
+→ objective (SL / RL / adv, through aerl_fast.kernels) → AdamW.  Each epoch appends a line to
+log.jsonl and writes last.pt (and best.pt on a new best validation accuracy) atomically; a run
+killed at any point continues with `--resume RUN_DIR` from its last checkpoint, mid-epoch included,
+and reproduces the uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aerl_fast import runtime
+from aerl_fast.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
+from aerl_fast.config import TrainConfig, parse_config
+from aerl_fast.data import CHANNEL_STATS, load_dataset, stratified_split
+from aerl_fast.data.loader import Augment, DeviceLoader
+from aerl_fast.errors import CheckpointError, ConfigError, UserError
+from aerl_fast.objectives import ObjectiveConfig, train_step
+
+RESUMABLE_CHANGES = {"epochs", "device", "amp", "compile", "progress", "eval_batch_size",
+                     "checkpoint_minutes", "overwrite", "out", "preset"}
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def prepare_data(cfg: TrainConfig):
+    """(train, val, test) ImageSets after the stratified split, and the normalisation statistics."""
+    from aerl_fast.data.base import ImageSet
+    kw = dict(labels=cfg.labels, image_size=cfg.image_size, download=cfg.download, seed=cfg.seed)
+    full = load_dataset(cfg.dataset, cfg.data_dir, "train", **kw)
+    test = load_dataset(cfg.dataset, cfg.data_dir, "test", **kw)
+    if len(full.labels) == 0 or len(test.labels) == 0:
+        raise ConfigError(f"{cfg.dataset}: empty {'train' if len(full.labels) == 0 else 'test'} split")
+    if test.images.shape[1:] != full.images.shape[1:]:
+        raise ConfigError(f"{cfg.dataset}: train images {full.images.shape[1:]} but test images {test.images.shape[1:]}")
+    tr_idx, va_idx = stratified_split(full.labels, cfg.val_frac, cfg.split_seed)
+    if cfg.train_subset and cfg.train_subset < len(tr_idx):
+        keep, _ = stratified_split(full.labels[tr_idx], 1.0 - cfg.train_subset / len(tr_idx), cfg.split_seed + 1)
+        tr_idx = tr_idx[keep]
+    train = ImageSet(full.images[tr_idx], full.labels[tr_idx], full.classes)
+    val = ImageSet(full.images[va_idx], full.labels[va_idx], full.classes)
+    if cfg.dataset in CHANNEL_STATS:
+        mean, std = CHANNEL_STATS[cfg.dataset]
+    else:  # statistics of the training split, computed once
+        px = train.images.reshape(-1, 3).astype(np.float64) / 255.0
+        mean, std = tuple(px.mean(0).tolist()), tuple(np.maximum(px.std(0), 1e-3).tolist())
+    return train, val, test, (list(mean), list(std))
+
+
+# ------------------------------------------------------------------------------------ schedule
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of --lr at global optimizer step `step` (the study's SL: warm-up then linear decay)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.schedule != "constant" and step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "warmup-linear":
+        frac = (step - warm) / max(1, total - warm)
+        return 1.0 - (1.0 - cfg.final_lr_frac) * min(1.0, frac)
+    if cfg.schedule == "cosine":
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        return cfg.final_lr_frac + (1.0 - cfg.final_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return 1.0
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def accuracy(model, images, labels, batch_size: int, device, autocast=None) -> float:
+    """Top-1 accuracy of argmax predictions (eval mode), on uint8 NHWC images."""
+    loader = DeviceLoader(images, labels, batch_size, device=device, shuffle=False)
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in loader:
+        with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+            correct += (model(x).argmax(1) == y).sum()
+    model.train(was_training)
+    return correct.item() / len(labels)
+
+
+# -------------------------------------------------------------------------------------- logging
+
+class RunLog:
+    """log.jsonl (one line per epoch), TensorBoard when installed, and progress bars."""
+
+    def __init__(self, run_dir: Path, enabled_tb: bool = True):
+        self.path = run_dir / "log.jsonl"
+        self.tb = None
+        if enabled_tb:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except Exception:  # tensorboard not installed: the jsonl log is the record
+                self.tb = None
+
+    def epoch(self, record: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, record["epoch"])
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def truncate_log(path: Path, epochs_done: int):
+    """On resume, drop log lines of epochs the checkpoint does not contain (written after it)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epochs_done]  # epochs are 1-based
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+# --------------------------------------------------------------------------------------- runner
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_state=None, log=print):
+        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self.device = runtime.resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)  # initialisation and dropout; data and exploration have their own streams
+        train, val, test, (mean, std) = prepare_data(cfg)
+        self.val, self.test = val, test
+        self.classes = train.classes
+        self.spec = dict(name=cfg.model, width=cfg.width, num_classes=len(train.classes), mean=mean,
+                         std=std, image_size=int(train.images.shape[1]))
+        if resume_state is not None:
+            saved = resume_state["model_spec"]
+            if saved != self.spec:
+                raise CheckpointError(f"checkpoint is for {saved['name']} (width {saved['width']}, "
+                                      f"{saved['num_classes']} classes), this run builds {self.spec['name']} "
+                                      f"(width {self.spec['width']}, {self.spec['num_classes']} classes)")
+        self.model = build_from_spec(self.spec).to(self.device)
+        channels_last = self.device.type == "cuda"
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = runtime.amp_dtype(self.device, cfg.amp, log=log)
+        self.autocast = runtime.autocast_context(self.device, self.amp_dtype) if self.amp_dtype else None
+        self.forward_model = self.model
+        if runtime.should_compile(self.device, cfg.compile):
+            self.forward_model = torch.compile(self.model)
+        aug = Augment(cfg.hflip, cfg.vflip, cfg.translate, cfg.pad_mode)
+        self.loader = DeviceLoader(train.images, train.labels, cfg.batch_size, device=self.device,
+                                   shuffle=True, augment=aug, drop_last=len(train.labels) > cfg.batch_size,
+                                   seed=cfg.seed, channels_last=channels_last)
+        fused = runtime.fused_adamw_supported(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           **({"fused": True} if fused else {}))
+        steps = len(self.loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s, steps))
+        self.objective = ObjectiveConfig(cfg.objective, cfg.explore_eps, cfg.explore, cfg.prob_floor,
+                                         cfg.adv_eps, cfg.adv_beta)
+        self.explore_gen = torch.Generator(device=self.device)
+        self.explore_gen.manual_seed(cfg.seed + 7919)
+        self.epoch, self.step, self.best_val = 0, 0, -1.0
+        self.progress = self._empty_progress()
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # -- state ------------------------------------------------------------------------------
+    def _empty_progress(self):
+        z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        return {"loss": z(), "loss_adv": z(), "correct": z(), "reward": z(), "seen": 0, "steps": 0,
+                "train_s": 0.0}
+
+    def state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state(), "explore": self.explore_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        progress = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.progress.items()}
+        return {"model_spec": self.spec, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "epoch": self.epoch, "step": self.step, "progress": progress, "rng": rng,
+                "best_val_acc": self.best_val, "config": self.cfg.to_json(), "classes": list(self.classes)}
+
+    def _restore(self, st):
+        try:
+            self.model.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scheduler.load_state_dict(st["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint does not fit this run ({str(exc).splitlines()[0]})") from None
+        self.epoch, self.step, self.best_val = int(st["epoch"]), int(st["step"]), float(st["best_val_acc"])
+        self.progress = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in st["progress"].items()}
+        torch.set_rng_state(st["rng"]["cpu"])
+        self.explore_gen.set_state(st["rng"]["explore"])
+        if "cuda" in st["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(st["rng"]["cuda"], self.device)
+
+    def save(self, name="last.pt"):
+        save_checkpoint(self.state(), self.run_dir / name)
+
+    # -- loop -------------------------------------------------------------------------------
+    def train_epoch(self, bar_factory):
+        cfg, model, opt = self.cfg, self.forward_model, self.optimizer
+        model.train()
+        adv_active = self.epoch >= cfg.adv_start_epoch
+        pr = self.progress
+        last_ckpt = time.monotonic()
+        start = time.perf_counter()
+        steps = len(self.loader)
+        bar = bar_factory(total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}")
+        for x, y in self.loader.epoch(self.epoch, self.step):
+            opt.zero_grad(set_to_none=True)
+            out = train_step(model, x, y, self.objective, adv_active=adv_active, generator=self.explore_gen,
+                             autocast=self.autocast)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            opt.step()
+            self.scheduler.step()
+            n = y.shape[0]
+            pr["loss"] += out.loss_clean.double() * n
+            pr["correct"] += (out.logits.argmax(1) == y).sum()
+            if out.loss_adv is not None:
+                pr["loss_adv"] += out.loss_adv.double() * n
+            if out.reward is not None:
+                pr["reward"] += out.reward.double() * n
+            pr["seen"] += n
+            pr["steps"] += 1
+            self.step += 1
+            bar.update(1)
+            if not bar.disable and (self.step % 20 == 0 or self.step == steps):  # one host sync per 20 steps
+                loss = (pr["loss"] / max(1, pr["seen"])).item()
+                if not math.isfinite(loss):
+                    raise UserError(f"training diverged: loss {loss} at epoch {self.epoch + 1} step {self.step} "
+                                    f"(last good checkpoint kept in {self.run_dir}); lower --lr")
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{(pr['correct'] / max(1, pr['seen'])).item():.3f}")
+            if cfg.checkpoint_minutes and time.monotonic() - last_ckpt > 60 * cfg.checkpoint_minutes \
+                    and self.step < steps:
+                pr["train_s"] += time.perf_counter() - start
+                start = time.perf_counter()
+                self.save()
+                last_ckpt = time.monotonic()
+        bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        pr["train_s"] += time.perf_counter() - start
+
+    def run(self):
+        cfg = self.cfg
+        log = RunLog(self.run_dir)
+        bar_factory = _bar_factory(cfg.progress)
+        try:
+            while self.epoch < cfg.epochs:
+                t0 = time.perf_counter()
+                self.train_epoch(bar_factory)
+                pr = self.progress
+                seen = max(1, pr["seen"])
+                val_acc = accuracy(self.forward_model, self.val.images, self.val.labels, cfg.eval_batch_size,
+                                   self.device, self.autocast) if len(self.val.labels) else None
+                train_loss = (pr["loss"] / seen).item()
+                if not math.isfinite(train_loss):
+                    raise UserError(f"training diverged: loss {train_loss} in epoch {self.epoch + 1}; lower --lr")
+                record = {
+                    "epoch": self.epoch + 1,
+                    "train_loss": train_loss,
+                    "train_acc": (pr["correct"] / seen).item(),
+                    "val_acc": val_acc,
+                    "images_per_s": pr["seen"] / max(pr["train_s"], 1e-9),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "adv_active": bool(self.objective.is_adv and self.epoch >= cfg.adv_start_epoch),
+                }
+                if self.objective.is_rl:
+                    record["train_reward"] = (pr["reward"] / seen).item()
+                if record["adv_active"]:
+                    record["train_loss_adv"] = (pr["loss_adv"] / seen).item()
+                self.epoch += 1
+                self.step = 0
+                self.progress = self._empty_progress()
+                improved = val_acc is None or val_acc > self.best_val  # no validation set: best = latest
+                if improved:
+                    self.best_val = val_acc if val_acc is not None else -1.0
+                record["epoch_s"] = time.perf_counter() - t0
+                record["best"] = improved
+                self.save("last.pt")
+                if improved:
+                    self.save("best.pt")
+                log.epoch(record)
+                self.log(f"epoch {record['epoch']}/{cfg.epochs}  loss {train_loss:.4f}  train_acc {record['train_acc']:.3f}  "
+                         f"val_acc {val_acc if val_acc is None else round(val_acc, 4)}  {record['images_per_s']:.0f} img/s  {record['epoch_s']:.1f}s"
+                         + ("  *" if improved else ""))
+        finally:
+            log.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        cfg = self.cfg
+        best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
+        model = build_from_spec(self.spec).to(self.device)
+        model.load_state_dict(best["model"])
+        test_acc = accuracy(model, self.test.images, self.test.labels, cfg.eval_batch_size, self.device,
+                            self.autocast)
+        records = [json.loads(ln) for ln in (self.run_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
+        summary = {
+            "dataset": cfg.dataset, "model": cfg.model, "width": cfg.width, "objective": cfg.objective,
+            "epochs": cfg.epochs, "best_epoch": int(best["epoch"]), "best_val_acc": self.best_val,
+            "test_acc": test_acc, "num_classes": self.spec["num_classes"],
+            "train_images_per_s": float(np.median([r["images_per_s"] for r in records])) if records else None,
+            "total_train_s": float(sum(r["epoch_s"] for r in records)),
+            "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+            "run_dir": str(self.run_dir),
+        }
+        _write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def _bar_factory(enabled: bool):
+    from tqdm import tqdm
+
+    def make(**kw):
+        return tqdm(disable=None if enabled else True, leave=False, unit="batch", file=sys.stderr, dynamic_ncols=True, **kw)
+    return make
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.dataset}-{cfg.model}-{cfg.objective}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def open_run(cfg: TrainConfig, resume, given):
+    """(cfg, run_dir, checkpoint state or None): new run folder, or the config of the run resumed."""
+    if resume is None:
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+            raise ConfigError(f"{run_dir} already holds files; pass --overwrite to reuse it, "
+                              f"or --resume {run_dir} to continue it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("log.jsonl", "summary.json", "best.pt", "last.pt"):
+            (run_dir / stale).unlink(missing_ok=True)
+        _write_json(run_dir / "config.json", cfg.to_json())
+        return cfg, run_dir, None
+    run_dir = Path(resume)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir}: not a run folder (no config.json)")
+    if not (run_dir / "last.pt").is_file():
+        raise CheckpointError(f"{run_dir}: no last.pt to resume from (the run stopped before its first checkpoint)")
+    saved = json.loads((run_dir / "config.json").read_text())
+    unknown = set(saved) - set(asdict(cfg))
+    if unknown:
+        raise CheckpointError(f"{run_dir}/config.json: unknown key(s) {', '.join(sorted(unknown))}")
+    merged = TrainConfig(**saved)
+    for key in given:
+        new, old = getattr(cfg, key), saved.get(key)
+        if key in RESUMABLE_CHANGES:
+            setattr(merged, key, new)
+        elif new != old:
+            raise ConfigError(f"--{key.replace('_', '-')} {new} differs from the run's {old}; "
+                              f"only {', '.join(sorted('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES))} may change on resume")
+    merged.validate()
+    state = load_checkpoint(run_dir / "last.pt")
+    if merged.epochs < int(state["epoch"]):
+        raise ConfigError(f"--epochs {merged.epochs} is below the {state['epoch']} epochs already done")
+    _write_json(run_dir / "config.json", merged.to_json())
+    truncate_log(run_dir / "log.jsonl", int(state["epoch"]))
+    return merged, run_dir, state
+
+
+def main(argv=None) -> dict:
+    try:
+        cfg, resume, given = parse_config(argv)
+        cfg.validate()
+        cfg, run_dir, state = open_run(cfg, resume, given)
+        if state is not None:
+            print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, batch {state['step']}", file=sys.stderr)
+        trainer = Trainer(cfg, run_dir, resume_state=state, log=lambda m: print(m, file=sys.stderr))
+        if trainer.epoch >= cfg.epochs and (run_dir / "summary.json").exists():
+            summary = json.loads((run_dir / "summary.json").read_text())
+        else:
+            summary = trainer.run()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"done: {summary['objective']} {summary['model']} on {summary['dataset']}: best val_acc "
+          f"{summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), test_acc {summary['test_acc']:.4f}, "
+          f"{summary['train_images_per_s']:.0f} img/s, {summary['total_train_s']:.0f}s -> {summary['run_dir']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The on-device loader: coverage, determinism and augmentation statistics."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aerl_fast.data.loader import Augment, DeviceLoader, augment_batch
+
+
+def _images(n, h=20, w=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def test_epoch_covers_each_sample_once_and_is_seeded():
+    x, y = _images(103)
+    loader = DeviceLoader(x, y, 10, shuffle=True, seed=3)
+    assert len(loader) == 11
+    seen = torch.cat([yy for _, yy in loader.epoch(0)])
+    assert seen.numel() == 103
+    # identify samples by their first pixel row (random bytes: unique with overwhelming probability)
+    batches = [xb for xb, _ in loader.epoch(0)]
+    keys = torch.cat(batches)[:, :, 0, :].flatten(1)
+    ref = torch.from_numpy(x).permute(0, 3, 1, 2)[:, :, 0, :].flatten(1).float() / 255
+    match = (keys[:, None, :] == ref[None]).all(-1)
+    assert (match.sum(1) == 1).all() and (match.sum(0) == 1).all()
+    order0 = loader.order(0)
+    assert torch.equal(order0, DeviceLoader(x, y, 10, seed=3).order(0))
+    assert not torch.equal(order0, loader.order(1))
+    assert not torch.equal(order0, DeviceLoader(x, y, 10, seed=4).order(0))
+
+
+def test_output_range_dtype_and_drop_last():
+    x, y = _images(50)
+    loader = DeviceLoader(x, y, 16, augment=Augment(), drop_last=True)
+    out = list(loader.epoch(2))
+    assert len(out) == 3
+    for xb, yb in out:
+        assert xb.dtype == torch.float32 and xb.shape == (16, 3, 20, 20) and yb.dtype == torch.int64
+        assert float(xb.min()) >= 0.0 and float(xb.max()) <= 1.0
+
+
+def test_resume_mid_epoch_gives_identical_batches():
+    x, y = _images(64)
+    loader = DeviceLoader(x, y, 8, augment=Augment(), seed=11)
+    full = list(loader.epoch(5))
+    tail = list(DeviceLoader(x, y, 8, augment=Augment(), seed=11).epoch(5, start_step=3))
+    assert len(tail) == len(full) - 3
+    for (a, ya), (b, yb) in zip(full[3:], tail):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def _probe(n, size=30):
+    """Images with one bright pixel at a known asymmetric spot: flips and shifts are readable."""
+    x = np.zeros((n, size, size, 3), np.uint8)
+    x[:, 5, 8, :] = 255
+    return x
+
+
+def test_flip_and_translate_statistics():
+    n, size = 4000, 30
+    g = torch.Generator().manual_seed(0)
+    base = torch.from_numpy(_probe(n, size)).permute(0, 3, 1, 2).contiguous()
+    out = augment_batch(base, Augment(hflip=True, vflip=True, translate=0.1), g)
+    assert out.dtype == torch.uint8
+    assert torch.equal(out.flatten(1).sum(1), torch.full((n,), 3 * 255))  # pixel never lost (|shift| <= 3)
+    pos = out[:, 0].flatten(1).argmax(1)
+    r, c = pos // size, pos % size
+    vflip = r > size // 2
+    hflip = c > size // 2
+    dr = torch.where(vflip, (size - 1 - 5) - r, r - 5) * torch.where(vflip, -1, 1)
+    dc = torch.where(hflip, (size - 1 - 8) - c, c - 8) * torch.where(hflip, -1, 1)
+    # flips: Bernoulli(0.5) each, independent; 4σ bounds
+    for f in (vflip, hflip):
+        assert abs(f.float().mean().item() - 0.5) < 4 * math.sqrt(0.25 / n)
+    assert abs((vflip & hflip).float().mean().item() - 0.25) < 4 * math.sqrt(0.1875 / n)
+    # shifts: uniform on {-3..3} (floor(0.1 * 30)); chi-square against uniform
+    for d in (dr, dc):
+        assert int(d.min()) == -3 and int(d.max()) == 3
+        counts = torch.bincount(d + 3, minlength=7).double()
+        expected = n / 7
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 22.46  # p = 0.001 for 6 degrees of freedom
+
+
+def test_translate_fills_with_zeros_or_replicates():
+    x = torch.full((64, 3, 10, 10), 200, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(1)
+    z = augment_batch(x, Augment(False, False, 0.2, "zeros"), g)
+    assert (z == 0).any() and ((z == 0) | (z == 200)).all()
+    r = augment_batch(x, Augment(False, False, 0.2, "replicate"), g)
+    assert (r == 200).all()
+
+
+def test_no_augmentation_is_identity():
+    x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(augment_batch(x, Augment(False, False, 0.0), torch.Generator()), x)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=0), "batch_size must be >= 1"),
+])
+def test_bad_arguments(kwargs, match):
+    x, y = _images(4)
+    with pytest.raises(ValueError, match=match):
+        DeviceLoader(x, y, **kwargs)
+    with pytest.raises(ValueError, match="labels of shape"):
+        DeviceLoader(x, y[:3], 2)
+    with pytest.raises(ValueError, match="uint8"):
+        DeviceLoader(x.astype(np.float32), y, 2)
+    with pytest.raises(ValueError, match="translate"):
+        Augment(translate=0.7)
