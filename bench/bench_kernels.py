@@ -1,0 +1,339 @@
+"""pytest-benchmark: the fused kernels against the eager torch reference and the study's own code.
+
+    pytest bench/bench_kernels.py --benchmark-only            (CPU groups run, GPU groups skip)
+    pytest bench/bench_kernels.py --benchmark-only -s         (also prints the ratio lines and
+                                                               the bytes-per-row table)
+
+Every group has a baseline measured in the same run (the study's formulation for the loss, a
+torchattacks-style update for PGD); each other case stores `vs_baseline` = its time / the
+baseline's (medians) in `benchmark.extra_info` and prints it.  The baselines are imported from
+tests/kernels/kernel_refs.py, so the tests and the benchmarks time and check the same code.
+
+On a CPU the public ops run the torch reference (that is what `aerl_fast.kernels.backend()`
+reports); the Triton cases need a CUDA device and skip here.  Under TRITON_INTERPRET=1 the CPU
+"dispatch" cases skip too: the interpreter is a correctness tool, not something to time.
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "kernels"))
+
+from kernel_refs import study_pg_loss  # noqa: E402
+
+import aerl_fast.kernels as K  # noqa: E402
+from aerl_fast.kernels.pg_loss import eps_greedy_pg_loss_fused  # noqa: E402
+
+PM = sys.modules["aerl_fast.kernels.pgd_step"]  # the module; K.pgd_step is the function
+
+torch.set_num_threads(int(os.environ.get("AERL_BENCH_THREADS", "1")))  # shared 2-core machine
+
+EPS, FLOOR = 0.1, 1e-6  # the study's exploration rate and probability floor
+CPU_SHAPES = [(256, 10), (256, 100), (256, 1000)]
+GPU_SHAPES = [(256, 10), (256, 1000), (8192, 1000), (1024, 32768)]
+HAS_CUDA = torch.cuda.is_available()
+no_gpu = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: the Triton kernels are timed on "
+                                                 "a GPU only (CPU runs the torch reference)")
+cpu_dispatch_is_reference = pytest.mark.skipif(
+    K.backend("cpu") != "reference",
+    reason="TRITON_INTERPRET=1: CPU tensors would go through the Triton interpreter")
+
+_BASELINE = {}  # group → median seconds of its baseline, filled by the baseline case
+
+
+def _inputs(B, C, device="cpu", dtype=torch.float32):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = torch.randn(B, C, generator=g).to(device=device, dtype=dtype)
+    labels = torch.randint(0, C, (B,), generator=g).to(device)
+    return logits, labels
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn, device, reps=21):
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[reps // 2]
+
+
+def _run(benchmark, group, name, fn, device="cpu", baseline=False):
+    """Benchmark `fn`, then record and print its time relative to the group's baseline."""
+    benchmark.group = group
+
+    def call():
+        fn()
+        _sync(device)
+
+    benchmark(call)
+    t = benchmark.stats.stats.median  # the median: a shared machine adds long outliers
+    if baseline:
+        _BASELINE[group] = t
+        ratio = 1.0
+    else:
+        if group not in _BASELINE:  # baseline deselected (-k): time it here, same process
+            _BASELINE[group] = _median_seconds(_BASELINE_FN[group], device)
+        ratio = t / _BASELINE[group]
+    benchmark.extra_info["vs_baseline"] = round(ratio, 3)
+    benchmark.extra_info["median_us"] = round(t * 1e6, 1)
+    print(f"\n[{group}] {name}: median {t * 1e6:9.1f} us = {ratio:5.2f}x the baseline")
+
+
+_BASELINE_FN = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_allocator():
+    """Run every CPU case a few times before any is timed.  The first cases of a run otherwise pay
+    for fresh multi-MB allocations (page faults until the allocator settles), which made the
+    measured ratios depend on the order of the tests."""
+    logits, labels = _inputs(256, 1000)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(256, 3, 32, 32)
+    grad = torch.randn(256, 3, 32, 32)
+    for _ in range(5):
+        for step in (study_step, reference_step):
+            step(logits, labels, gen)
+        for norm in ("linf", "l2"):
+            for fn in (torchattacks_style, _reference_pgd):
+                fn(x0.clone(), x0, grad, 0.01, 0.03, norm)
+    yield
+
+
+# ── the three loss versions, forward + backward ───────────────────────────────────────────────
+def study_step(logits, labels, gen):
+    x = logits.detach().requires_grad_(True)
+    loss, _ = study_pg_loss(x, labels, EPS, gen)
+    loss.backward()
+
+
+def reference_step(logits, labels, gen):
+    x = logits.detach().requires_grad_(True)
+    out = K.eps_greedy_pg_loss_reference(x, labels, EPS, explore="batch", prob_floor=FLOOR,
+                                         generator=gen)
+    out.loss.backward()
+
+
+def dispatch_step(logits, labels, gen):
+    x = logits.detach().requires_grad_(True)
+    out = K.eps_greedy_pg_loss(x, labels, EPS, explore="batch", prob_floor=FLOOR, generator=gen)
+    out.loss.backward()
+
+
+def fused_step(logits, labels, gen):
+    x = logits.detach().requires_grad_(True)
+    out = eps_greedy_pg_loss_fused(x, labels, EPS, explore="batch", prob_floor=FLOOR,
+                                   generator=gen)
+    out.loss.backward()
+
+
+def _loss_case(benchmark, B, C, device, name, step, baseline=False, dtype=torch.float32):
+    logits, labels = _inputs(B, C, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    group = f"pg_loss fwd+bwd {device.split(':')[0]} {str(dtype)[6:]} B={B} C={C}"
+    _BASELINE_FN.setdefault(group, lambda: study_step(logits, labels, gen))
+    _run(benchmark, group, name, lambda: step(logits, labels, gen), device, baseline)
+
+
+@pytest.mark.parametrize("B,C", CPU_SHAPES)
+def test_cpu_loss_study(benchmark, B, C):
+    _loss_case(benchmark, B, C, "cpu", "study (baseline)", study_step, baseline=True)
+
+
+@pytest.mark.parametrize("B,C", CPU_SHAPES)
+def test_cpu_loss_reference(benchmark, B, C):
+    _loss_case(benchmark, B, C, "cpu", "eager reference", reference_step)
+
+
+@cpu_dispatch_is_reference
+@pytest.mark.parametrize("B,C", CPU_SHAPES)
+def test_cpu_loss_dispatch(benchmark, B, C):
+    """What `aerl_fast.kernels.eps_greedy_pg_loss` costs on CPU: the reference plus dispatch."""
+    _loss_case(benchmark, B, C, "cpu", "public op (reference backend)", dispatch_step)
+
+
+GPU_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+@no_gpu
+@GPU_DTYPES
+@pytest.mark.parametrize("B,C", GPU_SHAPES)
+def test_gpu_loss_study(benchmark, B, C, dtype):
+    _loss_case(benchmark, B, C, "cuda", "study (baseline)", study_step, True, dtype)
+
+
+@no_gpu
+@GPU_DTYPES
+@pytest.mark.parametrize("B,C", GPU_SHAPES)
+def test_gpu_loss_reference(benchmark, B, C, dtype):
+    _loss_case(benchmark, B, C, "cuda", "eager reference", reference_step, False, dtype)
+
+
+@no_gpu
+@GPU_DTYPES
+@pytest.mark.parametrize("B,C", GPU_SHAPES)
+def test_gpu_loss_triton(benchmark, B, C, dtype):
+    assert K.backend("cuda") == "triton", "CUDA present but the Triton path is not used"
+    _loss_case(benchmark, B, C, "cuda", "fused Triton", fused_step, False, dtype)
+
+
+# ── PGD update ────────────────────────────────────────────────────────────────────────────────
+def torchattacks_style(x_adv, x0, grad, step, eps, norm):
+    """The usual eager PGD step (as torchattacks writes it), the baseline of the PGD group."""
+    with torch.no_grad():
+        if norm == "linf":
+            x_new = x_adv + step * grad.sign()
+            delta = torch.clamp(x_new - x0, min=-eps, max=eps)
+        else:
+            g = grad / (grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10)
+            delta = x_adv + step * g - x0
+            n = delta.flatten(1).norm(dim=1)
+            delta = delta * torch.clamp(eps / n, max=1.0).view(-1, 1, 1, 1)
+        x_adv.copy_(torch.clamp(x0 + delta, 0, 1))
+
+
+def _pgd_case(benchmark, device, norm, name, fn, baseline=False):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(256, 3, 32, 32, generator=g).to(device)
+    grad = torch.randn(256, 3, 32, 32, generator=g).to(device)
+    x_adv = x0.clone()
+    eps = 8 / 255 if norm == "linf" else 1.0
+    step = eps / 4
+    group = f"pgd_step {norm} {device.split(':')[0]} [256,3,32,32]"
+    _BASELINE_FN.setdefault(group, lambda: torchattacks_style(x_adv, x0, grad, step, eps, norm))
+    _run(benchmark, group, name, lambda: fn(x_adv, x0, grad, step, eps, norm), device, baseline)
+
+
+def _reference_pgd(x_adv, x0, grad, step, eps, norm):
+    K.pgd_step_reference(x_adv, x0, grad, step, eps, norm=norm)
+
+
+def _fused_pgd(x_adv, x0, grad, step, eps, norm):
+    PM.pgd_step_fused(x_adv, x0, grad, step, eps, norm=norm)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_cpu_pgd_baseline(benchmark, norm):
+    _pgd_case(benchmark, "cpu", norm, "torchattacks-style (baseline)", torchattacks_style, True)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_cpu_pgd_reference(benchmark, norm):
+    _pgd_case(benchmark, "cpu", norm, "eager reference", _reference_pgd)
+
+
+@no_gpu
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_gpu_pgd_baseline(benchmark, norm):
+    _pgd_case(benchmark, "cuda", norm, "torchattacks-style (baseline)", torchattacks_style, True)
+
+
+@no_gpu
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_gpu_pgd_triton(benchmark, norm):
+    _pgd_case(benchmark, "cuda", norm, "fused Triton", _fused_pgd)
+
+
+# ── bytes moved per row, counted at the ATen-op boundary ──────────────────────────────────────
+class _ByteCounter(TorchDispatchMode):
+    """Sums, over every op that runs, the bytes of the tensors it reads and writes (each tensor
+    once per op, small ones included; views move nothing and are skipped).  A custom op (a fused
+    kernel) counts as one op: what its kernel reads and writes.  Internal traffic of an ATen
+    kernel (multinomial's scan, softmax's two passes) is not seen: the eager counts are lower
+    bounds."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs or {}))
+               if isinstance(t, torch.Tensor)]
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        in_ptrs = {t.untyped_storage().data_ptr() for t in ins}
+        if outs and all(t.untyped_storage().data_ptr() in in_ptrs for t in outs) \
+                and not func._schema.is_mutable:
+            return out  # a view (detach, expand, …): no bytes move
+        seen = set()
+
+        def add(t):
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                self.bytes += t.numel() * t.element_size()
+        torch.utils._pytree.tree_map(add, (args, kwargs or {}, out))
+        for i, a in enumerate(func._schema.arguments):  # written in place: read and written
+            if a.alias_info is not None and a.alias_info.is_write and i < len(args) \
+                    and isinstance(args[i], torch.Tensor):
+                self.bytes += args[i].numel() * args[i].element_size()
+        self.ops += 1
+        return out
+
+
+def count_bytes_per_row(step, B, C, dtype):
+    logits, labels = _inputs(B, C, "cpu", dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = logits.detach().requires_grad_(True)
+    with _ByteCounter() as c:
+        step(x, labels, gen)
+    return c.bytes / B, c.ops
+
+
+def test_bytes_per_row_table():
+    """Not a timing: prints bytes moved per row by each version (fwd+bwd) — the number a
+    bandwidth-bound GPU run scales with.  The fused op's backward is counted as reading the
+    logits of every row; on the device it skips rows with zero reward."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for C in (10, 100, 1000, 32768):
+            B = 64
+            res = {n: count_bytes_per_row(f, B, C, dtype) for n, f in
+                   (("study", study_step), ("reference", reference_step), ("fused", fused_step))}
+            rows.append((str(dtype).split(".")[1], C, res))
+    print("\n dtype      C | study B/row (ops) | reference B/row (ops) | fused B/row (ops) | "
+          "study/fused")
+    for dt, C, r in rows:
+        print(f" {dt:8s} {C:6d} | {r['study'][0]:10.0f} ({r['study'][1]:3d}) | "
+              f"{r['reference'][0]:12.0f} ({r['reference'][1]:3d}) | "
+              f"{r['fused'][0]:9.0f} ({r['fused'][1]:3d}) | {r['study'][0] / r['fused'][0]:5.1f}x")
+    for dt, C, r in rows:  # the fused op must move less than either eager version
+        assert r["fused"][0] < r["reference"][0] and r["fused"][0] < r["study"][0]
+
+
+def test_pgd_bytes_per_sample_table():
+    """Not a timing: bytes moved per sample by one PGD update, [3, 32, 32] fp32 images."""
+    g = torch.Generator().manual_seed(0)
+    B = 16
+    x0 = torch.rand(B, 3, 32, 32, generator=g)
+    grad = torch.randn(B, 3, 32, 32, generator=g)
+    res = {}
+    for norm in ("linf", "l2"):
+        eps = 8 / 255 if norm == "linf" else 1.0
+        for name, fn in (("torchattacks-style", torchattacks_style), ("reference", _reference_pgd),
+                         ("fused", _fused_pgd)):
+            x_adv = x0.clone()
+            with _ByteCounter() as c:
+                fn(x_adv, x0, grad, eps / 4, eps, norm)
+            res[norm, name] = (c.bytes / B, c.ops)
+    n_bytes = 3 * 32 * 32 * 4
+    print(f"\n PGD bytes/sample in images of {n_bytes} B (the fused L2 kernel reads its three "
+          "inputs twice: 7 on the device, not the 4 counted at the op boundary):")
+    for (norm, name), (b, ops) in res.items():
+        print(f"   {norm:4s} {name:18s} {b / n_bytes:5.1f} ({ops} ops)")
+    for norm in ("linf", "l2"):
+        assert res[norm, "fused"][0] < res[norm, "torchattacks-style"][0]
