@@ -1,0 +1,172 @@
+"""pytest-benchmark: the data loader and the training step, each against the study's way in the same run.
+
+    python -m pytest bench/bench_training.py --benchmark-only -s
+
+Groups (the first case of each group is its baseline; every case prints its ratio to it):
+- loader: the study's per-image PIL pipeline (torchvision transforms + DataLoader, batch 128)
+  against aerl_fast's DeviceLoader (whole uint8 set on the device, one gather per batch).
+  Data: the real CIFAR-10 batch in ../shared/data when present, else the embedded shapes.
+- step <model>: one optimizer step at batch 128: the study's RL update (softmax + 1e-6,
+  per-batch python exploration coin, multinomial, isnan check with .item()) and its RL-adv update
+  (four forwards, two backwards), against aerl_fast's SL, RL and RL-adv steps (RL-adv: two forwards,
+  two backwards).  Target: RL ≥ 1.0× and RL-adv ≥ 1.6× the study's; our RL-adv ≤ 2.2× our SL.
+"""
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aerl_fast.data.loader import Augment, DeviceLoader
+from aerl_fast.models import build_model
+from aerl_fast.objectives import ObjectiveConfig, train_step
+
+if os.environ.get("BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+_BASE = {}
+
+
+def _report(benchmark, group, name, seconds_per_unit, unit, baseline=False):
+    """Store/print the ratio to the group's baseline (ratio > 1: faster than the baseline)."""
+    if baseline:
+        _BASE[group] = seconds_per_unit
+    base = _BASE.get(group)
+    speedup = base / seconds_per_unit if base else float("nan")
+    benchmark.extra_info.update({"per_" + unit + "_ms": round(seconds_per_unit * 1e3, 4),
+                                 "speedup_vs_baseline": round(speedup, 3)})
+    print(f"\n[{group}] {name}: {seconds_per_unit * 1e3:.3f} ms/{unit}  speedup vs baseline {speedup:.2f}x")
+
+
+def _images():
+    folder = SHARED / "cifar-10-batches-py"
+    if (folder / "data_batch_1").exists():
+        from aerl_fast.data.cifar import load_cifar
+        s = load_cifar("cifar10", folder, "test" if os.environ.get("BENCH_SMALL") else "train")
+        return s.images, s.labels
+    from aerl_fast.data.shapes import generate_shapes
+    s = generate_shapes(10000)
+    return s.images, s.labels
+
+
+# ----------------------------------------------------------------------------------------- loader
+
+def study_pil_loader(images, labels, batch_size=128):
+    """The study's input pipeline: per-image PIL transforms in a torch DataLoader (one process)."""
+    from PIL import Image
+    from torchvision import transforms
+    tf = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(),
+                             transforms.RandomAffine(0, translate=(0.1, 0.1)), transforms.ToTensor()])
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return tf(Image.fromarray(images[i])), int(labels[i])
+    return torch.utils.data.DataLoader(DS(), batch_size=batch_size, shuffle=True, num_workers=0)
+
+
+def test_loader_study_pil(benchmark):
+    images, labels = _images()
+    n = 2560
+    loader = study_pil_loader(images[:n], labels[:n])
+
+    def run():
+        for _ in loader:
+            pass
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    _report(benchmark, "loader", "study PIL DataLoader", benchmark.stats.stats.min / n, "image", baseline=True)
+    benchmark.extra_info["images_per_s"] = round(n / benchmark.stats.stats.min)
+
+
+def test_loader_device(benchmark):
+    images, labels = _images()
+    loader = DeviceLoader(images, labels, 128, augment=Augment(), seed=0)
+    n = loader.num_samples
+    epoch = iter(range(10 ** 9))
+
+    def run():
+        for _ in loader.epoch(next(epoch)):
+            pass
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    _report(benchmark, "loader", "aerl_fast DeviceLoader", benchmark.stats.stats.min / n, "image")
+    benchmark.extra_info["images_per_s"] = round(n / benchmark.stats.stats.min)
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+def study_rl_update(model, opt, x, y, eps=0.1, adv=False, adv_eps=0.01, beta=1.0):
+    """The study's agent update, as its code does it (python exploration coin per batch,
+    softmax + 1e-6 renormalised, isnan check with a host sync; RL-adv: a forward/backward for the
+    FGSM gradient, then clean and adversarial forwards again, and a no-grad forward for accuracy)."""
+    def pg_loss(logits):
+        probs = F.softmax(logits, dim=1) + 1e-6
+        probs = probs / probs.sum(1, keepdim=True)
+        if random.random() < eps:
+            actions = torch.randint(0, logits.shape[1], (logits.shape[0],))
+        else:
+            actions = torch.multinomial(probs, 1).squeeze(1)
+        rewards = (actions == y).float()
+        return -(rewards * torch.log(probs.gather(1, actions[:, None]).squeeze(1) + 1e-6)).mean()
+
+    if adv:
+        xg = x.clone().requires_grad_(True)
+        gx, = torch.autograd.grad(pg_loss(model(xg)), xg)          # forward 1, backward 1
+        x_adv = (x + adv_eps * gx.sign()).clamp(0, 1)
+        loss = pg_loss(model(x)) + beta * pg_loss(model(x_adv))     # forwards 2 and 3
+    else:
+        loss = pg_loss(model(x))
+    if torch.isnan(loss).item():
+        return
+    opt.zero_grad()
+    loss.backward()                                                  # backward 2
+    opt.step()
+    with torch.no_grad():
+        (model(x).argmax(1) == y).float().mean().item()             # forward 4: the study's accuracy
+
+
+def _ours(kind):
+    cfg = ObjectiveConfig(kind)
+    gen = torch.Generator()
+
+    def update(model, opt, x, y):
+        opt.zero_grad(set_to_none=True)
+        train_step(model, x, y, cfg, adv_active=True, generator=gen)
+        opt.step()
+    return update
+
+
+CASES = [("study rl", lambda m, o, x, y: study_rl_update(m, o, x, y), True),
+         ("ours sl", _ours("sl"), False),
+         ("ours rl", _ours("rl"), False),
+         ("study rl-adv", lambda m, o, x, y: study_rl_update(m, o, x, y, adv=True), False),
+         ("ours rl-adv", _ours("rl-adv"), False)]
+MODELS = [("alicnn", 1.0), ("cnn6", 0.25)]
+
+
+@pytest.mark.parametrize("model_name, width", MODELS, ids=[f"{m}-w{w}" for m, w in MODELS])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[c[0].replace(" ", "_") for c in CASES])
+def test_step(benchmark, model_name, width, case):
+    name, update, baseline = CASES[case]
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, width=width).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.rand(128, 3, 32, 32)
+    y = torch.randint(0, 10, (128,))
+    update(model, opt, x, y)  # warm-up
+    benchmark.pedantic(lambda: update(model, opt, x, y), rounds=5, iterations=1, warmup_rounds=1)
+    group = f"step {model_name} w{width} b128"
+    _report(benchmark, group, name, benchmark.stats.stats.median, "step", baseline=baseline)
+    if name.startswith("study rl-adv"):
+        _BASE[group + " rl-adv"] = benchmark.stats.stats.median
+    if name == "ours rl-adv":
+        base = _BASE.get(group + " rl-adv")
+        if base:
+            benchmark.extra_info["speedup_vs_study_rl_adv"] = round(base / benchmark.stats.stats.median, 3)
+            print(f"[{group}] ours rl-adv vs study rl-adv: {base / benchmark.stats.stats.median:.2f}x")
