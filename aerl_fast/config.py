@@ -15,6 +15,7 @@ from typing import Optional
 from aerl_fast.errors import ConfigError
 
 SCHEDULES = ("constant", "warmup-linear", "cosine")
+LOADERS = ("auto", "tensor", "dali")  # --loader; chosen by aerl_fast.data.backends.choose_loader
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     compile: Optional[bool] = None
+    loader: str = "auto"
     eval_batch_size: int = 1024
     checkpoint_minutes: float = 10.0
     out: Optional[str] = None
@@ -73,6 +75,7 @@ class TrainConfig:
             (self.model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {self.model!r}"),
             (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.explore in ("sample", "batch"), f"--explore must be sample or batch, got {self.explore!r}"),
+            (self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.labels in ("fine", "coarse"), f"--labels must be fine or coarse, got {self.labels!r}"),
             (self.pad_mode in ("zeros", "reflect", "replicate"), f"--pad-mode must be zeros, reflect or replicate, got {self.pad_mode!r}"),
@@ -141,6 +144,8 @@ HELP = {
     "device": "auto, cpu or cuda",
     "amp": "bf16 autocast (CUDA, or a CPU with native bf16; otherwise fp32 with a notice)",
     "compile": "torch.compile the model (default: on for CUDA, off for CPU)",
+    "loader": "training data loader: tensor (device-resident, batched gather), dali (NVIDIA DALI pipeline; "
+              "pip install \"aerl_fast[dali]\"), or auto (tensor unless the set does not fit on the GPU)",
     "eval_batch_size": "batch size of validation/test evaluation",
     "checkpoint_minutes": "also checkpoint mid-epoch every this many minutes (0 = epoch ends only)",
     "out": "run folder (default runs/<dataset>-<model>-<objective>-<time>)",

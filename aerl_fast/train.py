@@ -23,7 +23,8 @@ from aerl_fast import runtime
 from aerl_fast.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
 from aerl_fast.config import TrainConfig, parse_config
 from aerl_fast.data import CHANNEL_STATS, load_dataset, stratified_split
-from aerl_fast.data.loader import Augment, DeviceLoader
+from aerl_fast.data.backends import make_loader
+from aerl_fast.data.loader import DeviceLoader
 from aerl_fast.errors import CheckpointError, ConfigError, UserError
 from aerl_fast.objectives import ObjectiveConfig, train_step
 
@@ -155,10 +156,9 @@ class Trainer:
         self.forward_model = self.model
         if runtime.should_compile(self.device, cfg.compile):
             self.forward_model = torch.compile(self.model)
-        aug = Augment(cfg.hflip, cfg.vflip, cfg.translate, cfg.pad_mode)
-        self.loader = DeviceLoader(train.images, train.labels, cfg.batch_size, device=self.device,
-                                   shuffle=True, augment=aug, drop_last=len(train.labels) > cfg.batch_size,
-                                   seed=cfg.seed, channels_last=channels_last)
+        self.loader, self.loader_choice = make_loader(cfg, train.images, train.labels, self.device,
+                                                      channels_last=channels_last)
+        log(f"loader: {self.loader_choice.name} ({self.loader_choice.reason})")
         fused = runtime.fused_adamw_supported(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            **({"fused": True} if fused else {}))
@@ -275,6 +275,7 @@ class Trainer:
                     "images_per_s": pr["seen"] / max(pr["train_s"], 1e-9),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "adv_active": bool(self.objective.is_adv and self.epoch >= cfg.adv_start_epoch),
+                    "loader": self.loader_choice.name,
                 }
                 if self.objective.is_rl:
                     record["train_reward"] = (pr["reward"] / seen).item()
@@ -314,6 +315,7 @@ class Trainer:
             "train_images_per_s": float(np.median([r["images_per_s"] for r in records])) if records else None,
             "total_train_s": float(sum(r["epoch_s"] for r in records)),
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+            "loader": self.loader_choice.name,
             "run_dir": str(self.run_dir),
         }
         _write_json(self.run_dir / "summary.json", summary)

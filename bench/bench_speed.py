@@ -1,0 +1,199 @@
+"""pytest-benchmark: loaders with DALI, the trainer's overhead, and the GPU-only fast paths.
+
+    BENCH_THREADS=1 python -m pytest bench/bench_speed.py --benchmark-only -s
+
+Groups (the first case of each group is its baseline; every case prints its ratio to it, through
+bench_training._report, so both files share one ratio table):
+- speed loader: the study's per-image PIL DataLoader (baseline) against the tensor DeviceLoader and
+  the DALI CPU pipeline (device_id=None); on a GPU also the tensor loader and DALI's GPU pipeline.
+- trainer overhead: the bare step (forward, a cross-entropy loss, backward, fused AdamW) on the
+  loader's batches, materialised beforehand (baseline), against `Trainer.train_epoch` over the same
+  number of batches: loader, RL objective (aerl_fast.kernels), optimizer, scheduler and the
+  per-step bookkeeping.  Target: trainer / bare <= 1.10 on CPU.
+- step cuda: eager fp32 against compiled bf16 channels_last (GPU only).
+GPU cases skip here with a reason; DALI cases skip when nvidia.dali is not installed.
+"""
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_training import _images, _report, study_pil_loader  # noqa: E402  (sets BENCH_THREADS)
+
+from aerl_fast.data.dali import dali_available  # noqa: E402
+from aerl_fast.data.loader import Augment, DeviceLoader  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed (pip install 'aerl_fast[dali]')")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none on this machine)")
+LOADER = "speed loader"
+
+
+def _epochs():
+    return iter(range(10 ** 9))
+
+
+def _time_loader(benchmark, loader, name, sync=None, rounds=5):
+    n, epoch = loader.num_samples, _epochs()
+
+    def run():
+        for _ in loader.epoch(next(epoch)):
+            pass
+        if sync:
+            sync()
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    _report(benchmark, LOADER, name, benchmark.stats.stats.min / n, "image")
+    benchmark.extra_info["images_per_s"] = round(n / benchmark.stats.stats.min)
+
+
+# ----------------------------------------------------------------------------------------- loaders
+
+def test_loader_study_pil(benchmark):
+    images, labels = _images()
+    n = 2560
+    loader = study_pil_loader(images[:n], labels[:n])
+
+    def run():
+        for _ in loader:
+            pass
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    _report(benchmark, LOADER, "study PIL DataLoader", benchmark.stats.stats.min / n, "image", baseline=True)
+    benchmark.extra_info["images_per_s"] = round(n / benchmark.stats.stats.min)
+
+
+def test_loader_tensor_cpu(benchmark):
+    images, labels = _images()
+    _time_loader(benchmark, DeviceLoader(images, labels, 128, augment=Augment(), seed=0), "tensor DeviceLoader (cpu)")
+
+
+@needs_dali
+def test_loader_dali_cpu(benchmark):
+    from aerl_fast.data.dali import DaliLoader
+    images, labels = _images()
+    loader = DaliLoader(images, labels, 128, augment=Augment(), seed=0, device="cpu")
+    assert loader.device_id is None
+    _time_loader(benchmark, loader, "DALI CPU pipeline (device_id=None)")
+
+
+@needs_cuda
+def test_loader_tensor_cuda(benchmark):
+    images, labels = _images()
+    loader = DeviceLoader(images, labels, 256, augment=Augment(), seed=0, device="cuda", channels_last=True)
+    _time_loader(benchmark, loader, "tensor DeviceLoader (cuda)", sync=torch.cuda.synchronize)
+
+
+@needs_cuda
+@needs_dali
+def test_loader_dali_gpu(benchmark):
+    from aerl_fast.data.dali import DaliLoader
+    images, labels = _images()
+    loader = DaliLoader(images, labels, 256, augment=Augment(), seed=0, device="cuda", channels_last=True,
+                        num_threads=4)
+    _time_loader(benchmark, loader, "DALI GPU pipeline", sync=torch.cuda.synchronize)
+
+
+# -------------------------------------------------------------------------------- trainer overhead
+
+OVERHEAD = "trainer overhead"
+STEPS, BATCH = 24, 64
+
+
+def _trainer(model="alicnn", width=0.5):
+    """A Trainer on the embedded dataset with STEPS full training batches (drop_last), on the CPU."""
+    from aerl_fast.config import TrainConfig
+    from aerl_fast.train import Trainer
+    cfg = TrainConfig(dataset="shapes", model=model, width=width, objective="rl", batch_size=BATCH,
+                      train_subset=STEPS * BATCH + BATCH // 2, progress=False, checkpoint_minutes=0,
+                      device="cpu", loader="tensor").validate()
+    trainer = Trainer(cfg, Path(tempfile.mkdtemp(prefix="aerl_bench_")), log=lambda m: None)
+    assert len(trainer.loader) == STEPS, f"{len(trainer.loader)} batches, expected {STEPS}"
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def overhead_setup():
+    from aerl_fast.checkpoint import build_from_spec
+    trainer = _trainer()
+    batches = list(trainer.loader.epoch(0))
+    bare = build_from_spec(trainer.spec)
+    bare.load_state_dict(trainer.model.state_dict())
+    bare.train()
+    opt = torch.optim.AdamW(bare.parameters(), lr=trainer.cfg.lr, weight_decay=trainer.cfg.weight_decay, fused=True)
+    return trainer, bare, opt, batches
+
+
+def test_overhead_bare_step(benchmark, overhead_setup):
+    _, model, opt, batches = overhead_setup
+
+    def run():
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    _report(benchmark, OVERHEAD, f"bare forward+backward+AdamW ({STEPS} batches of {BATCH}, alicnn w0.5)",
+            benchmark.stats.stats.min / STEPS, "step", baseline=True)
+
+
+def test_overhead_trainer_epoch(benchmark, overhead_setup):
+    from aerl_fast.train import _bar_factory
+    from bench_training import _BASE
+    trainer = overhead_setup[0]
+    bars = _bar_factory(False)
+
+    def run():
+        trainer.step = 0
+        trainer.progress = trainer._empty_progress()
+        trainer.train_epoch(bars)
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    per_step = benchmark.stats.stats.min / STEPS
+    _report(benchmark, OVERHEAD, "Trainer.train_epoch (loader + RL objective + AdamW + bookkeeping)", per_step, "step")
+    base = _BASE.get(OVERHEAD)
+    if base:
+        ratio = per_step / base
+        benchmark.extra_info["overhead_ratio"] = round(ratio, 3)
+        print(f"[{OVERHEAD}] trainer / bare = {ratio:.3f}  (target <= 1.10: {'met' if ratio <= 1.10 else 'NOT met'})")
+
+
+# -------------------------------------------------------------------------------------- GPU steps
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["eager fp32", "compiled bf16 channels_last"])
+def test_step_cuda_cnn6(benchmark, variant):
+    from aerl_fast.models import build_model
+    from aerl_fast.objectives import ObjectiveConfig, train_step
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = build_model("cnn6", 10, width=1.0).to(dev).train()
+    x = torch.rand(256, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (256,), device=dev)
+    autocast, fwd = None, model
+    if variant != "eager fp32":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        autocast, fwd = torch.autocast("cuda", dtype=torch.bfloat16), torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    cfg, gen = ObjectiveConfig("rl"), torch.Generator(device=dev)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        train_step(fwd, x, y, cfg, adv_active=False, generator=gen, autocast=autocast)
+        opt.step()
+
+    def run():
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()  # compiles
+    benchmark.extra_info["first_run_s"] = round(time.perf_counter() - t0, 2)
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    _report(benchmark, "step cuda cnn6 w1 b256", variant, benchmark.stats.stats.min / 20, "step",
+            baseline=variant == "eager fp32")
+    benchmark.extra_info["images_per_s"] = round(256 * 20 / benchmark.stats.stats.min)
+
