@@ -133,7 +133,7 @@ HELP = {
     "adv_beta": "weight β of the adversarial term: total = L(x) + β·L(x_adv)",
     "adv_start_epoch": "first epoch (0-based) with the adversarial term (the study: 400 of 600 for RL)",
     "epochs": "training epochs",
-    "batch_size": "training batch size",
+    "batch_size": "global training batch size (split evenly over torchrun processes)",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
     "schedule": "learning-rate schedule per step: constant, warmup-linear (warm-up then linear decay to final-lr-frac), cosine",

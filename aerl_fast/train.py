@@ -5,6 +5,10 @@ Data flows one way: source (uint8 arrays) → DeviceLoader (device-resident, bat
 log.jsonl and writes last.pt (and best.pt on a new best validation accuracy) atomically; a run
 killed at any point continues with `--resume RUN_DIR` from its last checkpoint, mid-epoch included,
 and reproduces the uninterrupted run.
+
+Under `torchrun --nproc_per_node=N` the same command trains with DistributedDataParallel
+(aerl_fast.distributed): --batch-size stays the global batch, each rank trains on its equal slice
+of it, metrics and evaluation counts are summed over the ranks, and only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aerl_fast import distributed as distmod
 from aerl_fast import runtime
 from aerl_fast.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
 from aerl_fast.config import TrainConfig, parse_config
 from aerl_fast.data import CHANNEL_STATS, load_dataset, stratified_split
 from aerl_fast.data.backends import make_loader
 from aerl_fast.data.loader import DeviceLoader
+from aerl_fast.distributed import DistContext
 from aerl_fast.errors import CheckpointError, ConfigError, UserError
 from aerl_fast.objectives import ObjectiveConfig, train_step
 
@@ -78,16 +84,23 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 # ---------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def accuracy(model, images, labels, batch_size: int, device, autocast=None) -> float:
-    """Top-1 accuracy of argmax predictions (eval mode), on uint8 NHWC images."""
-    loader = DeviceLoader(images, labels, batch_size, device=device, shuffle=False)
+def accuracy(model, images, labels, batch_size: int, device, autocast=None, dist: DistContext | None = None) -> float:
+    """Top-1 accuracy of argmax predictions (eval mode), on uint8 NHWC images.
+
+    Under torchrun each rank evaluates its contiguous share of the set and the correct counts are
+    summed over the ranks (every rank gets the same number back)."""
+    lo, hi = (0, len(labels)) if dist is None else distmod.shard_range(len(labels), dist.rank, dist.world_size)
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in loader:
-        with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
-            correct += (model(x).argmax(1) == y).sum()
+    if hi > lo:
+        loader = DeviceLoader(images[lo:hi], labels[lo:hi], batch_size, device=device, shuffle=False)
+        for x, y in loader:
+            with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+                correct += (model(x).argmax(1) == y).sum()
     model.train(was_training)
+    if dist is not None:
+        dist.all_reduce_sum(correct)
     return correct.item() / len(labels)
 
 
@@ -132,9 +145,15 @@ def truncate_log(path: Path, epochs_done: int):
 # --------------------------------------------------------------------------------------- runner
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_state=None, log=print):
+    """One training run; under torchrun (`dist` enabled) one rank of a DistributedDataParallel job."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_state=None, log=print, dist: DistContext | None = None):
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
-        self.device = runtime.resolve_device(cfg.device)
+        self.dist = dist = dist if dist is not None else DistContext()
+        self.device = dist.device(cfg.device)
+        if dist.enabled and cfg.batch_size % dist.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
+                              f"{dist.world_size} processes (equal shards keep the gradient the global-batch mean)")
         torch.manual_seed(cfg.seed)  # initialisation and dropout; data and exploration have their own streams
         train, val, test, (mean, std) = prepare_data(cfg)
         self.val, self.test = val, test
@@ -154,11 +173,30 @@ class Trainer:
         self.amp_dtype = runtime.amp_dtype(self.device, cfg.amp, log=log)
         self.autocast = runtime.autocast_context(self.device, self.amp_dtype) if self.amp_dtype else None
         self.forward_model = self.model
-        if runtime.should_compile(self.device, cfg.compile):
-            self.forward_model = torch.compile(self.model)
+        compile_ = runtime.should_compile(self.device, cfg.compile)
+        if dist.enabled:
+            # identical initial weights (same seed) and DDP broadcasts rank 0's anyway; from here on
+            # dropout draws differ per rank; rank 0 keeps the single-process stream
+            if dist.rank > 0:
+                torch.manual_seed(cfg.seed + dist.rank * distmod.RANK_PRIME)
+            from torch.nn.parallel import DistributedDataParallel
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # evaluation runs on the plain module: DDP's forward is collective, eval shards are not equal
+            self.eval_model = torch.compile(self.model) if compile_ else self.model
+        if compile_:
+            self.forward_model = torch.compile(self.forward_model)
+        if not dist.enabled:
+            self.eval_model = self.forward_model
         self.loader, self.loader_choice = make_loader(cfg, train.images, train.labels, self.device,
                                                       channels_last=channels_last)
-        log(f"loader: {self.loader_choice.name} ({self.loader_choice.reason})")
+        if dist.enabled:
+            if len(train.labels) < dist.world_size:
+                raise ConfigError(f"{len(train.labels)} training images cannot feed {dist.world_size} processes")
+            self.loader = distmod.ShardedLoader(self.loader, dist.rank, dist.world_size)
+        log(f"loader: {self.loader_choice.name} ({self.loader_choice.reason})"
+            + (f"; {dist.world_size} processes ({dist.backend}), {cfg.batch_size // dist.world_size} "
+               f"images per process per step" if dist.enabled else ""))
         fused = runtime.fused_adamw_supported(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            **({"fused": True} if fused else {}))
@@ -167,7 +205,7 @@ class Trainer:
         self.objective = ObjectiveConfig(cfg.objective, cfg.explore_eps, cfg.explore, cfg.prob_floor,
                                          cfg.adv_eps, cfg.adv_beta)
         self.explore_gen = torch.Generator(device=self.device)
-        self.explore_gen.manual_seed(cfg.seed + 7919)
+        self.explore_gen.manual_seed(cfg.seed + 7919 + dist.rank * distmod.RANK_PRIME)  # per-rank ε-greedy draws
         self.epoch, self.step, self.best_val = 0, 0, -1.0
         self.progress = self._empty_progress()
         if resume_state is not None:
@@ -179,15 +217,38 @@ class Trainer:
         return {"loss": z(), "loss_adv": z(), "correct": z(), "reward": z(), "seen": 0, "steps": 0,
                 "train_s": 0.0}
 
-    def state(self) -> dict:
+    def _rng_state(self) -> dict:
         rng = {"cpu": torch.get_rng_state(), "explore": self.explore_gen.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        progress = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.progress.items()}
-        return {"model_spec": self.spec, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "epoch": self.epoch, "step": self.step, "progress": progress, "rng": rng,
-                "best_val_acc": self.best_val, "config": self.cfg.to_json(), "classes": list(self.classes)}
+        return rng
+
+    def reduced_progress(self) -> dict:
+        """The epoch accumulators summed over the ranks (loss/reward/correct sums and images seen);
+        steps and training time are rank 0's.  A collective under torchrun: every rank calls it."""
+        pr = self.progress
+        if not self.dist.enabled:
+            return pr
+        keys = ("loss", "loss_adv", "correct", "reward")
+        vec = torch.stack([pr[k] for k in keys] + [torch.tensor(float(pr["seen"]), dtype=torch.float64,
+                                                                  device=self.device)])
+        self.dist.all_reduce_sum(vec)
+        out = dict(pr, **{k: vec[i] for i, k in enumerate(keys)})
+        out["seen"] = int(round(vec[-1].item()))
+        return out
+
+    def state(self) -> dict:
+        """The checkpoint: the plain module's weights (no DDP prefix), rank 0's RNG states in "rng" and,
+        under torchrun, every rank's in "rng_ranks" (a collective: every rank calls it)."""
+        rng = self._rng_state()
+        progress = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.reduced_progress().items()}
+        st = {"model_spec": self.spec, "model": self.model.state_dict(),
+              "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+              "epoch": self.epoch, "step": self.step, "progress": progress, "rng": rng,
+              "best_val_acc": self.best_val, "config": self.cfg.to_json(), "classes": list(self.classes)}
+        if self.dist.enabled:
+            st["rng_ranks"] = self.dist.all_gather_object(rng)
+        return st
 
     def _restore(self, st):
         try:
@@ -198,17 +259,52 @@ class Trainer:
             raise CheckpointError(f"checkpoint does not fit this run ({str(exc).splitlines()[0]})") from None
         self.epoch, self.step, self.best_val = int(st["epoch"]), int(st["step"]), float(st["best_val_acc"])
         self.progress = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in st["progress"].items()}
-        torch.set_rng_state(st["rng"]["cpu"])
-        self.explore_gen.set_state(st["rng"]["explore"])
-        if "cuda" in st["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(st["rng"]["cuda"], self.device)
+        dist, rng = self.dist, st["rng"]
+        if dist.rank > 0:  # the saved sums are global: rank 0 carries them, the others start from zero
+            self.progress = dict(self.progress, **{k: torch.zeros_like(v) for k, v in self.progress.items()
+                                                   if torch.is_tensor(v)}, seen=0)
+        ranks = st.get("rng_ranks")
+        if ranks is not None and len(ranks) == dist.world_size:
+            rng = ranks[dist.rank]
+        elif dist.enabled and dist.rank == 0:
+            self.log(f"checkpoint holds RNG states of {len(ranks) if ranks else 1} process(es), this job has "
+                     f"{dist.world_size}: ranks > 0 re-derive theirs from (seed, rank, epoch, step)")
+        elif dist.rank > 0:
+            # saved by a job of another size: rank 0 continues the saved streams, the others start
+            # streams derived from (seed, rank, epoch, step) — reproducible, not the lost ones
+            s = distmod.derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
+            torch.manual_seed(s)
+            self.explore_gen.manual_seed(distmod.derived_seed(s, 7919))
+            rng = None
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            self.explore_gen.set_state(rng["explore"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def save(self, name="last.pt"):
-        save_checkpoint(self.state(), self.run_dir / name)
+        """Rank 0 writes (atomically); every rank takes part in gathering the state and waits for the
+        write, so no rank runs ahead of a checkpoint that may be read back."""
+        state = self.state()
+        if self.dist.is_main:
+            save_checkpoint(state, self.run_dir / name)
+        self.dist.barrier()
 
     # -- loop -------------------------------------------------------------------------------
+    def train_batch(self, x, y, adv_active: bool):
+        """One optimizer step on one (per-rank) batch; under DDP the gradients are averaged over the
+        ranks during backward, so clipping and the step see the global-batch gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+        out = train_step(self.forward_model, x, y, self.objective, adv_active=adv_active,
+                         generator=self.explore_gen, autocast=self.autocast)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return out
+
     def train_epoch(self, bar_factory):
-        cfg, model, opt = self.cfg, self.forward_model, self.optimizer
+        cfg, model = self.cfg, self.forward_model
         model.train()
         adv_active = self.epoch >= cfg.adv_start_epoch
         pr = self.progress
@@ -217,13 +313,7 @@ class Trainer:
         steps = len(self.loader)
         bar = bar_factory(total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}")
         for x, y in self.loader.epoch(self.epoch, self.step):
-            opt.zero_grad(set_to_none=True)
-            out = train_step(model, x, y, self.objective, adv_active=adv_active, generator=self.explore_gen,
-                             autocast=self.autocast)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            opt.step()
-            self.scheduler.step()
+            out = self.train_batch(x, y, adv_active)
             n = y.shape[0]
             pr["loss"] += out.loss_clean.double() * n
             pr["correct"] += (out.logits.argmax(1) == y).sum()
@@ -241,8 +331,8 @@ class Trainer:
                     raise UserError(f"training diverged: loss {loss} at epoch {self.epoch + 1} step {self.step} "
                                     f"(last good checkpoint kept in {self.run_dir}); lower --lr")
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{(pr['correct'] / max(1, pr['seen'])).item():.3f}")
-            if cfg.checkpoint_minutes and time.monotonic() - last_ckpt > 60 * cfg.checkpoint_minutes \
-                    and self.step < steps:
+            if cfg.checkpoint_minutes and self.step < steps and self.dist.agree(  # rank 0's clock decides
+                    time.monotonic() - last_ckpt > 60 * cfg.checkpoint_minutes):
                 pr["train_s"] += time.perf_counter() - start
                 start = time.perf_counter()
                 self.save()
@@ -254,16 +344,20 @@ class Trainer:
 
     def run(self):
         cfg = self.cfg
-        log = RunLog(self.run_dir)
-        bar_factory = _bar_factory(cfg.progress)
+        dist = self.dist
+        log = RunLog(self.run_dir) if dist.is_main else None
+        bar_factory = _bar_factory(cfg.progress and dist.is_main)
         try:
             while self.epoch < cfg.epochs:
                 t0 = time.perf_counter()
                 self.train_epoch(bar_factory)
-                pr = self.progress
+                pr = self.reduced_progress()
                 seen = max(1, pr["seen"])
-                val_acc = accuracy(self.forward_model, self.val.images, self.val.labels, cfg.eval_batch_size,
-                                   self.device, self.autocast) if len(self.val.labels) else None
+                spread = dist.weight_spread(self.model) if dist.enabled else None
+                dist.broadcast_module(self.model, buffers_only=True)  # BatchNorm running stats: rank 0's
+                val_acc = accuracy(self.eval_model, self.val.images, self.val.labels, cfg.eval_batch_size,
+                                   self.device, self.autocast, dist=dist if dist.enabled else None) \
+                    if len(self.val.labels) else None
                 train_loss = (pr["loss"] / seen).item()
                 if not math.isfinite(train_loss):
                     raise UserError(f"training diverged: loss {train_loss} in epoch {self.epoch + 1}; lower --lr")
@@ -281,6 +375,12 @@ class Trainer:
                     record["train_reward"] = (pr["reward"] / seen).item()
                 if record["adv_active"]:
                     record["train_loss_adv"] = (pr["loss_adv"] / seen).item()
+                if dist.enabled:
+                    record["world_size"] = dist.world_size
+                    record["rank_weight_spread"] = spread  # replicas must stay identical: 0.0
+                    if spread != 0.0:
+                        self.log(f"warning: the {dist.world_size} replicas' weights differ (spread {spread:.3g}) "
+                                 f"after epoch {self.epoch + 1}")
                 self.epoch += 1
                 self.step = 0
                 self.progress = self._empty_progress()
@@ -292,21 +392,31 @@ class Trainer:
                 self.save("last.pt")
                 if improved:
                     self.save("best.pt")
-                log.epoch(record)
+                if log is not None:
+                    log.epoch(record)
                 self.log(f"epoch {record['epoch']}/{cfg.epochs}  loss {train_loss:.4f}  train_acc {record['train_acc']:.3f}  "
                          f"val_acc {val_acc if val_acc is None else round(val_acc, 4)}  {record['images_per_s']:.0f} img/s  {record['epoch_s']:.1f}s"
                          + ("  *" if improved else ""))
         finally:
-            log.close()
+            if log is not None:
+                log.close()
         return self.finish()
 
     def finish(self) -> dict:
-        cfg = self.cfg
-        best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
+        """Test accuracy of best.pt and summary.json.  Under torchrun rank 0 reads best.pt and sends its
+        weights to the others (no shared filesystem needed), every rank tests a shard of the test set,
+        rank 0 writes the summary and every rank returns it."""
+        cfg, dist = self.cfg, self.dist
+        best = dist.on_main(lambda: (lambda b: {"model": b["model"], "epoch": int(b["epoch"])})(
+            load_checkpoint(self.run_dir / "best.pt", map_location="cpu" if dist.enabled else self.device)))
         model = build_from_spec(self.spec).to(self.device)
         model.load_state_dict(best["model"])
         test_acc = accuracy(model, self.test.images, self.test.labels, cfg.eval_batch_size, self.device,
-                            self.autocast)
+                            self.autocast, dist=dist if dist.enabled else None)
+        return dist.on_main(lambda: self._write_summary(best, test_acc))
+
+    def _write_summary(self, best, test_acc) -> dict:
+        cfg = self.cfg
         records = [json.loads(ln) for ln in (self.run_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
         summary = {
             "dataset": cfg.dataset, "model": cfg.model, "width": cfg.width, "objective": cfg.objective,
@@ -318,6 +428,8 @@ class Trainer:
             "loader": self.loader_choice.name,
             "run_dir": str(self.run_dir),
         }
+        if self.dist.enabled:
+            summary["world_size"] = self.dist.world_size
         _write_json(self.run_dir / "summary.json", summary)
         return summary
 
@@ -378,21 +490,41 @@ def open_run(cfg: TrainConfig, resume, given):
     return merged, run_dir, state
 
 
+def _open_run_on_main(dist: DistContext, cfg: TrainConfig, resume, given):
+    """open_run on rank 0 (the only writer); the other ranks receive the resolved config, the run
+    folder and the checkpoint state from it (no shared filesystem needed)."""
+    def opened():
+        cfg_, run_dir, state = open_run(cfg, resume, given)
+        return cfg_.to_json(), str(run_dir), state
+    cfg_json, run_dir, state = dist.on_main(opened)
+    return TrainConfig(**cfg_json), Path(run_dir), state
+
+
 def main(argv=None) -> dict:
+    dist = DistContext()
     try:
+        dist = distmod.init()
+        say = (lambda m: print(m, file=sys.stderr)) if dist.is_main else (lambda m: None)
         cfg, resume, given = parse_config(argv)
         cfg.validate()
-        cfg, run_dir, state = open_run(cfg, resume, given)
-        if state is not None:
-            print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, batch {state['step']}", file=sys.stderr)
-        trainer = Trainer(cfg, run_dir, resume_state=state, log=lambda m: print(m, file=sys.stderr))
-        if trainer.epoch >= cfg.epochs and (run_dir / "summary.json").exists():
-            summary = json.loads((run_dir / "summary.json").read_text())
+        if dist.enabled:
+            cfg, run_dir, state = _open_run_on_main(dist, cfg, resume, given)
         else:
-            summary = trainer.run()
+            cfg, run_dir, state = open_run(cfg, resume, given)
+        if state is not None:
+            say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, batch {state['step']}")
+        trainer = Trainer(cfg, run_dir, resume_state=state, log=say, dist=dist)
+        done = dist.on_main(lambda: json.loads((run_dir / "summary.json").read_text())
+                            if trainer.epoch >= cfg.epochs and (run_dir / "summary.json").exists() else None)
+        summary = done if done is not None else trainer.run()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if dist.is_main:
+            print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
+    finally:
+        distmod.shutdown(dist)
+    if not dist.is_main:
+        return summary
     print(f"done: {summary['objective']} {summary['model']} on {summary['dataset']}: best val_acc "
           f"{summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), test_acc {summary['test_acc']:.4f}, "
           f"{summary['train_images_per_s']:.0f} img/s, {summary['total_train_s']:.0f}s -> {summary['run_dir']}")
