@@ -103,8 +103,9 @@ def test_loader_device(benchmark):
 
 def study_rl_update(model, opt, x, y, eps=0.1, adv=False, adv_eps=0.01, beta=1.0):
     """The study's agent update, as its code does it (python exploration coin per batch,
-    softmax + 1e-6 renormalised, isnan check with a host sync; RL-adv: a forward/backward for the
-    FGSM gradient, then clean and adversarial forwards again, and a no-grad forward for accuracy)."""
+    softmax + 1e-6 renormalised, isnan check with a host sync: one forward, one backward; RL-adv:
+    a forward/backward for the FGSM gradient, clean and adversarial forwards again, and a no-grad
+    forward for its accuracy — four forwards, two backwards, as BRIEF.md §3 counts them)."""
     def pg_loss(logits):
         probs = F.softmax(logits, dim=1) + 1e-6
         probs = probs / probs.sum(1, keepdim=True)
@@ -127,8 +128,9 @@ def study_rl_update(model, opt, x, y, eps=0.1, adv=False, adv_eps=0.01, beta=1.0
     opt.zero_grad()
     loss.backward()                                                  # backward 2
     opt.step()
-    with torch.no_grad():
-        (model(x).argmax(1) == y).float().mean().item()             # forward 4: the study's accuracy
+    if adv:
+        with torch.no_grad():
+            (model(x).argmax(1) == y).float().mean().item()         # forward 4: the study's accuracy
 
 
 def _ours(kind):
