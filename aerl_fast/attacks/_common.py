@@ -1,0 +1,158 @@
+"""Pieces every attack shares: the attack-mode context, the losses, input checks, per-sample ε.
+
+Attack losses are *summed* over the batch, so the input gradient of one sample never depends on
+which other samples share its batch (early stopping shrinks the batch; the study's mean-reduced
+loss would rescale every gradient by 1/B).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from aerl_fast.errors import UserError
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin")
+
+Scalar = Union[float, torch.Tensor]
+
+
+class AttackError(UserError, ValueError):
+    """Bad attack input (ε < 0, step > ε, unknown norm, empty batch, ...): the CLI prints it."""
+
+
+@contextlib.contextmanager
+def attack_mode(model: torch.nn.Module):
+    """Eval mode and frozen parameters for the duration of an attack; both restored afterwards.
+
+    Freezing (requires_grad=False) keeps autograd from even recording the weight edges, so a
+    backward computes the input gradient only (the study's loop also computes every parameter
+    gradient: ~1.37x slower on AliCNN). Each module's own training flag is restored, so a model
+    with mixed train/eval submodules comes back exactly as it was.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in params:
+            p.requires_grad_(flag)
+        for m, flag in modes:
+            m.training = flag
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce",
+                targeted: bool = False) -> torch.Tensor:
+    """The summed loss the attack ascends.
+
+    ce:     cross-entropy on the label (untargeted) or minus cross-entropy on the target.
+            For RL-trained models too: the policy is softmax(logits), so CE on the label is
+            -log pi(label|x), the study's choice as well.
+    margin: max_{j != y} z_j - z_y (Carlini-Wagner margin on logits); its gradient does not
+            vanish when the softmax saturates, which CE's does in float32.
+    """
+    z = logits.float()
+    if loss == "ce":
+        ce = F.cross_entropy(z, y, reduction="sum")
+        return -ce if targeted else ce
+    if loss == "margin":
+        z_y = z.gather(1, y[:, None]).squeeze(1)
+        other = z.scatter(1, y[:, None], float("-inf")).amax(1)
+        m = (z_y - other) if targeted else (other - z_y)
+        return m.sum()
+    raise AttackError(f"unknown attack loss {loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+def fooled_by(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
+    """Per-sample success of the attack: wrong class (untargeted) or the target class."""
+    pred = logits.argmax(1)
+    return pred == y if targeted else pred != y
+
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise AttackError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    return norm
+
+
+def check_batch(x, y) -> int:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise AttackError("images must be a float tensor in [0, 1]")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise AttackError(f"empty batch: images of shape {tuple(x.shape)}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise AttackError(f"labels must be a [{x.shape[0]}] integer tensor, got "
+                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise AttackError(f"labels must be integers, got {y.dtype}")
+    return x.shape[0]
+
+
+def per_sample(value: Scalar, batch: int, device, name: str) -> Scalar:
+    """A Python float (checked here, on the host) or a [B] float32 tensor on `device` (checked
+    once here: the one host sync of an attack's setup, never inside its step loop)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(device=device, dtype=torch.float32)
+        if t.dim() == 0:
+            return per_sample(float(t), batch, device, name)
+        if t.shape != (batch,):
+            raise AttackError(f"{name} must be a float or a [{batch}] tensor, got shape {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise AttackError(f"{name} must be finite and >= 0, got min {float(t.min())}")
+        return t
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise AttackError(f"{name} must be a number or a [B] tensor, got {value!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise AttackError(f"{name} must be finite and >= 0, got {v}")
+    return v
+
+
+def check_step(step: Scalar, eps: Scalar) -> None:
+    """step > ε (where ε > 0) walks out of the ball every step and the projection does the work:
+    almost always a unit mistake (e.g. step 0.1 with ε 8/255), so it is refused."""
+    if isinstance(step, torch.Tensor) or isinstance(eps, torch.Tensor):
+        s = step if isinstance(step, torch.Tensor) else torch.tensor(step)
+        e = eps if isinstance(eps, torch.Tensor) else torch.tensor(eps)
+        s, e = torch.broadcast_tensors(s.float().cpu(), e.float().cpu())
+        bad = (s > e) & (e > 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0]) if bad.dim() else 0
+            raise AttackError(f"step {float(s.flatten()[i]):g} > eps {float(e.flatten()[i]):g}: the step "
+                              "must not exceed the radius of the ball")
+    elif eps > 0 and step > eps:
+        raise AttackError(f"step {step:g} > eps {eps:g}: the step must not exceed the radius of the ball")
+
+
+def resolve_clamp(clamp) -> Optional[Tuple[float, float]]:
+    """True -> (0, 1) (inputs live in [0, 1]); False/None -> no box (the study's preset); or (lo, hi)."""
+    if clamp is True:
+        return (0.0, 1.0)
+    if clamp is False or clamp is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clamp)
+    except (TypeError, ValueError):
+        raise AttackError(f"clamp must be True, False or (lo, hi), got {clamp!r}") from None
+    if lo > hi:
+        raise AttackError(f"clamp must be (lo, hi) with lo <= hi, got {clamp!r}")
+    return (lo, hi)
+
+
+def index(v: Scalar, idx: torch.Tensor) -> Scalar:
+    """Subset a per-sample value: floats stay floats."""
+    return v[idx] if isinstance(v, torch.Tensor) else v
+
+
+def as_column(v: Scalar, like: torch.Tensor) -> Scalar:
+    """A per-sample value broadcastable against `like` [B, ...]."""
+    if isinstance(v, torch.Tensor):
+        return v.view(-1, *([1] * (like.dim() - 1)))
+    return v
