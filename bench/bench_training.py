@@ -2,10 +2,10 @@
 
     python -m pytest bench/bench_training.py --benchmark-only -s
 
+The loader comparison (the study's per-image PIL pipeline, defined here as `study_pil_loader`,
+against the tensor and DALI loaders) runs in bench/bench_speed.py.
+
 Groups (the first case of each group is its baseline; every case prints its ratio to it):
-- loader: the study's per-image PIL pipeline (torchvision transforms + DataLoader, batch 128)
-  against aerl_fast's DeviceLoader (whole uint8 set on the device, one gather per batch).
-  Data: the real CIFAR-10 batch in ../shared/data when present, else the embedded shapes.
 - step <model>: one optimizer step at batch 128: the study's RL update (softmax + 1e-6,
   per-batch python exploration coin, multinomial, isnan check with .item()) and its RL-adv update
   (four forwards, two backwards), against aerl_fast's SL, RL and RL-adv steps (RL-adv: two forwards,
@@ -13,15 +13,12 @@ Groups (the first case of each group is its baseline; every case prints its rati
 """
 import os
 import random
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from aerl_fast.data.loader import Augment, DeviceLoader
 from aerl_fast.models import build_model
 from aerl_fast.objectives import ObjectiveConfig, train_step
 
@@ -70,33 +67,6 @@ def study_pil_loader(images, labels, batch_size=128):
         def __getitem__(self, i):
             return tf(Image.fromarray(images[i])), int(labels[i])
     return torch.utils.data.DataLoader(DS(), batch_size=batch_size, shuffle=True, num_workers=0)
-
-
-def test_loader_study_pil(benchmark):
-    images, labels = _images()
-    n = 2560
-    loader = study_pil_loader(images[:n], labels[:n])
-
-    def run():
-        for _ in loader:
-            pass
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
-    _report(benchmark, "loader", "study PIL DataLoader", benchmark.stats.stats.min / n, "image", baseline=True)
-    benchmark.extra_info["images_per_s"] = round(n / benchmark.stats.stats.min)
-
-
-def test_loader_device(benchmark):
-    images, labels = _images()
-    loader = DeviceLoader(images, labels, 128, augment=Augment(), seed=0)
-    n = loader.num_samples
-    epoch = iter(range(10 ** 9))
-
-    def run():
-        for _ in loader.epoch(next(epoch)):
-            pass
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    _report(benchmark, "loader", "aerl_fast DeviceLoader", benchmark.stats.stats.min / n, "image")
-    benchmark.extra_info["images_per_s"] = round(n / benchmark.stats.stats.min)
 
 
 # ------------------------------------------------------------------------------------------- steps

@@ -29,7 +29,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from aerl_fast.data.loader import Augment, _seed
+from aerl_fast.data.loader import Augment, EpochOrder, _seed
 
 INSTALL_HINT = ('DALI is not installed: pip install "aerl_fast[dali]" '
                 "(or pip install nvidia-dali-cuda120==2.4.0)")
@@ -70,7 +70,7 @@ def augment_params(aug: Optional[Augment], b: int, h: int, w: int, generator: to
     return as_np(vf), as_np(hf), as_np(ty), as_np(tx)
 
 
-class DaliLoader:
+class DaliLoader(EpochOrder):
     """Batches of (float images in [0,1] NCHW, int64 labels) produced by a DALI pipeline.
 
     Same constructor, `epoch(epoch, start_step)`, `__len__`, `num_samples` and `order(epoch)` as
@@ -102,22 +102,6 @@ class DaliLoader:
         self.pipeline_device = "gpu" if self.device.type == "cuda" else "cpu"
         self._order_gen = torch.Generator(device=self.device)
         self._aug_gen = torch.Generator()  # argument inputs live on the host, whatever the device
-
-    def __len__(self) -> int:
-        n = self.images.shape[0]
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return self.images.shape[0]
-
-    def order(self, epoch: int) -> torch.Tensor:
-        """DeviceLoader.order: the permutation of (seed, epoch), drawn on the training device."""
-        n = self.images.shape[0]
-        if not self.shuffle:
-            return torch.arange(n, device=self.device)
-        self._order_gen.manual_seed(_seed(self.seed, epoch))
-        return torch.randperm(n, device=self.device, generator=self._order_gen)
 
     @property
     def device_id(self) -> Optional[int]:

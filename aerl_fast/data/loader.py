@@ -75,7 +75,28 @@ def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> 
     return padded.reshape(b, c, H * W).gather(2, index).view(b, c, h, w)
 
 
-class DeviceLoader:
+class EpochOrder:
+    """What every loader backend shares: epoch length and the (seed, epoch) permutation, drawn on
+    the training device.  Subclasses set images (first dim = samples), batch_size, shuffle,
+    drop_last, seed, device and _order_gen (a generator on device)."""
+
+    def __len__(self) -> int:
+        n = self.images.shape[0]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return self.images.shape[0]
+
+    def order(self, epoch: int) -> torch.Tensor:
+        n = self.images.shape[0]
+        if not self.shuffle:
+            return torch.arange(n, device=self.device)
+        self._order_gen.manual_seed(_seed(self.seed, epoch))
+        return torch.randperm(n, device=self.device, generator=self._order_gen)
+
+
+class DeviceLoader(EpochOrder):
     """Batches of (float images in [0,1] NCHW, int64 labels) from a device-resident uint8 dataset."""
 
     def __init__(self, images, labels, batch_size: int, *, device="cpu", shuffle: bool = True,
@@ -99,22 +120,8 @@ class DeviceLoader:
         self.batch_size = int(batch_size)
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.seed, self.channels_last = int(seed), channels_last
-        self._gen = torch.Generator(device=self.device)
-
-    def __len__(self) -> int:
-        n = self.images.shape[0]
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return self.images.shape[0]
-
-    def order(self, epoch: int) -> torch.Tensor:
-        n = self.images.shape[0]
-        if not self.shuffle:
-            return torch.arange(n, device=self.device)
-        self._gen.manual_seed(_seed(self.seed, epoch))
-        return torch.randperm(n, device=self.device, generator=self._gen)
+        self._gen = torch.Generator(device=self.device)        # augmentation draws
+        self._order_gen = torch.Generator(device=self.device)  # epoch permutations
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """The batches of `epoch`, starting at batch `start_step` (for mid-epoch resume)."""
