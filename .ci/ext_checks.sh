@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 JOBS="${JOBS:-2}"
 PY="${PYTHON:-python}"
 BUILD_DIR="build/ci-cmake"
+mkdir -p "$BUILD_DIR"  # a fresh clone has no build/: the configure log is written beside it
 t0=$SECONDS
 step() { echo; echo "=== ext_checks: $* ($((SECONDS - t0)) s)"; }
 
