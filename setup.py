@@ -104,7 +104,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=find_packages(include=["aerl_fast", "aerl_fast.*"]) + ["aerl_fast.kernels", "aerl_fast.configs"],
     package_dir={"aerl_fast.kernels": "kernels", "aerl_fast.configs": "configs"},
-    package_data={"aerl_fast.configs": ["*.json"]},
+    package_data={"aerl_fast.configs": ["*.json", "matrix/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

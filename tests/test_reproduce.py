@@ -1,0 +1,221 @@
+"""python -m aerl_fast.reproduce: a micro matrix end to end, resumability, --print-commands, bad input."""
+import json
+import os
+import shlex
+import shutil
+import time
+
+import pytest
+
+from eval_fixtures import cpu_eval_env  # noqa: F401 - fixture
+
+from aerl_fast import evaluate, reproduce, train
+from aerl_fast.config import parse_config
+
+pytestmark = pytest.mark.usefixtures("cpu_eval_env")
+
+CELLS = ["shapes-alicnnx0.25-sl-s0", "shapes-alicnnx0.25-rl-s0"]
+
+
+def micro_preset(tmp, **changes):
+    preset = {
+        "_comment": "written by tests/test_reproduce.py",
+        "objectives": ["sl", "rl"],
+        "models": [{"name": "alicnn", "width": 0.25}],
+        "datasets": ["shapes"],
+        "seeds": [0],
+        "train": {"epochs": 1, "train_subset": 400, "batch_size": 64, "device": "cpu",
+                  "eval_batch_size": 256, "checkpoint_minutes": 0},
+        "eval": {"eps": 1.0, "steps": 3, "n_test": 64, "dynamics_n": 16, "batch_size": 64},
+    }
+    preset.update(changes)
+    path = tmp / "micro.json"
+    path.write_text(json.dumps(preset))
+    return str(path)
+
+
+def forbid(monkeypatch, what="training"):
+    def fail(*a, **k):
+        raise AssertionError(f"{what} must not run")
+    return fail
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The micro matrix, run once end to end."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    out = tmp / "report"
+    report = reproduce.main(["--preset", micro_preset(tmp), "--out", str(out)])
+    return tmp, out, report
+
+
+def test_end_to_end_report(finished):
+    tmp, out, report = finished
+    for cell in CELLS:
+        assert (out / "runs" / cell / "summary.json").is_file()
+    ev = out / "eval" / "shapes" / "seed0"
+    for f in ("metrics.json", "transfer.md", "transfer.png", "dynamics.png", "dynamics.json"):
+        assert (ev / f).is_file(), f
+    md = (out / "report.md").read_text()
+    assert "| objective | model | clean | adversarial | ratio adv/clean |" in md
+    assert "| sl | alicnnx0.25 |" in md and "| rl | alicnnx0.25 |" in md
+    assert "### Transfer matrix, shapes, seed 0" in md
+    assert "| crafted on \\ evaluated on | " + " | ".join(CELLS) + " |" in md
+    assert "(eval/shapes/seed0/dynamics.png)" in md
+    # shapes has no published values: no comparison columns
+    assert "study adversarial" not in md
+
+    # report.json / csv hold the numbers of the evaluation, cell by cell
+    metrics = json.loads((ev / "metrics.json").read_text())
+    by_name = {m["name"]: m for m in metrics["models"]}
+    rj = json.loads((out / "report.json").read_text())
+    assert [r["cell"] for r in rj["cells"]] == CELLS
+    for r in rj["cells"]:
+        m = by_name[r["cell"]]
+        assert r["clean_acc"] == m["clean_acc"]
+        assert r["pgd_l2_acc"] == m["attacks"]["pgd-l2"]["acc"][0]
+        assert r["ratio"] == pytest.approx(r["pgd_l2_acc"] / r["clean_acc"])
+        assert r["n_test"] == 64
+    assert rj["transfer"]["shapes/seed0"]["names"] == CELLS
+    csv_lines = (out / "report.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + len(CELLS) and csv_lines[0].startswith("cell,dataset,objective")
+    assert report["cells"] == rj["cells"]
+
+
+def test_second_invocation_only_rebuilds_report(finished, monkeypatch):
+    tmp, out, _ = finished
+    before = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    (out / "report.json").unlink()
+    monkeypatch.setattr(train, "main", forbid(monkeypatch, "training"))
+    monkeypatch.setattr(evaluate, "main", forbid(monkeypatch, "evaluation"))
+    reproduce.main(["--preset", micro_preset(tmp), "--out", str(out)])
+    assert (out / "report.md").read_text() == before
+    assert (out / "report.json").is_file()
+
+
+def test_resume_and_reevaluate(finished, tmp_path, monkeypatch):
+    """A cell killed after a checkpoint is resumed (not restarted, not the others); a best.pt newer
+    than the evaluation invalidates the cached evaluation."""
+    tmp, out, _ = finished
+    copy = tmp_path / "report"
+    shutil.copytree(out, copy)
+    (copy / "runs" / CELLS[1] / "summary.json").unlink()
+    calls, real_train = [], train.main
+
+    def spy(argv):
+        calls.append(argv)
+        return real_train(argv)
+    monkeypatch.setattr(train, "main", spy)
+    later = time.time() + 5
+    os.utime(copy / "runs" / CELLS[1] / "best.pt", (later, later))
+    evals, real_eval = [], evaluate.main
+    monkeypatch.setattr(evaluate, "main", lambda argv: evals.append(argv) or real_eval(argv))
+    reproduce.main(["--preset", micro_preset(tmp), "--out", str(copy)])
+    assert calls == [["--resume", str(copy / "runs" / CELLS[1]), "--no-progress"]]
+    assert (copy / "runs" / CELLS[1] / "summary.json").is_file()
+    assert len(evals) == 1  # best.pt newer than metrics.json: evaluated again
+    assert (copy / "report.md").is_file()
+
+
+def test_eval_cache_rules(finished):
+    tmp, out, _ = finished
+    ev = out / "eval" / "shapes" / "seed0"
+    runs = [out / "runs" / c for c in CELLS]
+    argv = json.loads((ev / "reproduce_eval.json").read_text())["argv"]
+    assert reproduce.eval_cached(ev, runs, argv)
+    assert not reproduce.eval_cached(ev, runs, argv + ["--restarts", "2"])  # other settings
+    assert not reproduce.eval_cached(ev, runs + [out / "runs" / "missing"], argv)
+
+
+def test_print_commands(tmp_path, capsys, finished):
+    preset = micro_preset(tmp_path)
+    out = tmp_path / "fresh"
+    assert reproduce.main(["--preset", preset, "--out", str(out), "--print-commands"]) is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(CELLS)
+    assert not out.exists()  # printing commands trains and creates nothing
+    for line, cell in zip(lines, CELLS):
+        words = shlex.split(line)
+        assert words[:3] == ["python", "-m", "aerl_fast.train"]
+        cfg, resume, _ = parse_config(words[3:])  # a valid aerl_fast.train command line
+        assert resume is None
+        assert cfg.out == str((out / "runs" / cell).resolve())
+        assert (cfg.objective, cfg.model, cfg.width, cfg.seed, cfg.epochs, cfg.train_subset) == \
+            (cell.split("-")[2], "alicnn", 0.25, 0, 1, 400)
+    # a finished matrix has nothing left to print
+    _, done, _ = finished
+    reproduce.main(["--preset", preset, "--out", str(done), "--print-commands"])
+    assert capsys.readouterr().out.strip() == ""
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"colour": 1}, "unknown key(s) colour"),
+    ({"train": {"epochs": 1, "learning_rate": 0.1}}, "'train': unknown key(s) learning_rate"),
+    ({"train": {"lr": -1.0}}, "--lr must be > 0"),
+    ({"models": [{"name": "alicnn", "width": 0.25}, {"name": "vgg"}]}, "--model must be one of"),
+    ({"eval": {"eps": 1.0, "steps": 0}}, "--steps must be >= 1"),
+    ({"eval": {"epsilon": 1.0}}, "'eval': unknown key(s) epsilon"),
+    ({"train_presets": {"rl": "no-such-preset"}}, "unknown preset 'no-such-preset'"),
+    ({"seeds": []}, "'seeds' must be a non-empty list"),
+])
+def test_bad_preset_fails_before_training(tmp_path, capsys, monkeypatch, changes, match):
+    monkeypatch.setattr(train, "main", forbid(monkeypatch))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["--preset", micro_preset(tmp_path, **changes), "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and match in err[-1], err
+    assert not out.exists()
+
+
+def test_missing_dataset_fails_before_training(tmp_path, capsys, monkeypatch):
+    """The shapes cells come first, yet nothing trains: the cifar10 cell's data is missing."""
+    monkeypatch.setattr(train, "main", forbid(monkeypatch))
+    missing = tmp_path / "no-cifar-here"
+    preset = micro_preset(tmp_path, datasets=["shapes", {"name": "cifar10", "data_dir": str(missing)}])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["--preset", preset, "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: dataset cifar10 for cell cifar10-alicnnx0.25-sl-s0") and str(missing) in err
+    assert not out.exists()
+
+
+def test_shipped_presets_validate():
+    """smoke and the study matrices parse and every cell is a valid training config (no data needed)."""
+    for name in ("smoke", "matrix-cifar10", "matrix-cifar100", "matrix-imagenet100"):
+        m = reproduce.load_matrix(name)
+        cells = reproduce.build_cells(m, None)
+        assert len(cells) == len(m["objectives"]) * len(m["models"]) * len(m["datasets"]) * len(m["seeds"])
+    smoke = reproduce.build_cells(reproduce.load_matrix("smoke"), None)
+    assert {c.objective for c in smoke} == {"sl", "rl", "sl-adv", "rl-adv"} and {c.ds for c in smoke} == {"shapes"}
+    c10 = {c.objective: c for c in reproduce.build_cells(reproduce.load_matrix("matrix-cifar10"), None)}
+    assert c10["rl-adv"].preset == "cifar10-rl" and c10["sl-adv"].preset == "cifar10-sl"
+
+
+def test_published_values_beside_ours_on_cifar10(tmp_path):
+    """On a CIFAR-10 matrix (a tiny fake set in the official layout) the table carries the study's
+    PGD accuracy and our difference, and the transfer matrix the study's transfer numbers."""
+    from cifar_files import make_cifar
+
+    root, _ = make_cifar(tmp_path / "data", "cifar10", n_per_batch=40)
+    preset = micro_preset(tmp_path, objectives=["sl", "rl", "rl-adv"],
+                          datasets=[{"name": "cifar10", "data_dir": str(root)}],
+                          train={"epochs": 1, "batch_size": 50, "device": "cpu", "checkpoint_minutes": 0})
+    out = tmp_path / "report"
+    report = reproduce.main(["--preset", preset, "--out", str(out)])
+    md = (out / "report.md").read_text()
+    assert "| objective | model | clean | adversarial | ratio adv/clean | study adversarial | difference |" in md
+    rows = {r["objective"]: r for r in report["summary"]}
+    for obj, pub in (("sl", 0.05), ("rl", 0.55)):
+        r = rows[obj]
+        assert r["published_pgd_l2_acc"] == pub and r["difference"] == pytest.approx(r["pgd_l2_acc"] - pub)
+        assert f"| {obj} | alicnnx0.25 | " in md and f"| {100 * pub:.1f} | {100 * (r['pgd_l2_acc'] - pub):+.1f} |" in md
+    assert rows["rl-adv"]["published_pgd_l2_acc"] is None
+    assert "settings here differ (models other than cnn6 x1, 3 PGD steps instead of 100)" in md
+    assert "Clean accuracy SL − RL (alicnnx0.25)" in md
+    assert "| crafted on rl, evaluated on sl |" in md and "| crafted on sl, evaluated on rl |" in md
+    assert "| evaluated on rl-adv (crafted on the others) |" in md
