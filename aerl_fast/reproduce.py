@@ -87,6 +87,15 @@ class Cell:
 
 # --------------------------------------------------------------------------------------- presets
 
+def _named_entry(where: str, kind: str, raw, allowed) -> dict:
+    """A dataset or model entry: a bare name or a dict with a 'name' and only `allowed` keys."""
+    entry = {"name": raw} if isinstance(raw, str) else raw
+    _check_keys(f"{where}: {kind} entry", entry, allowed)
+    if "name" not in entry:
+        raise ConfigError(f"{where}: {kind} entry {entry} has no 'name'")
+    return dict(entry)
+
+
 def _preset_path(name: str) -> Path:
     """A reproduce preset by path, or by name from configs/matrix/ (kept apart from the training
     presets in configs/, whose schema is TrainConfig's)."""
@@ -153,21 +162,14 @@ def build_cells(m: dict, data_dir_override: Optional[str]) -> List[Cell]:
     _check_keys(f"{where}: 'eval'", m.get("eval", {}) or {}, EVAL_DEFAULTS)
 
     datasets = []
-    for d in m["datasets"]:
-        d = {"name": d} if isinstance(d, str) else d
-        _check_keys(f"{where}: dataset entry", d, DATASET_KEYS)
-        if "name" not in d:
-            raise ConfigError(f"{where}: dataset entry {d} has no 'name'")
-        d = dict(d)
+    for raw in m["datasets"]:
+        d = _named_entry(where, "dataset", raw, DATASET_KEYS)
         if data_dir_override is not None:
             d["data_dir"] = data_dir_override
         datasets.append(d)
     models = []
-    for md in m["models"]:
-        md = {"name": md} if isinstance(md, str) else md
-        _check_keys(f"{where}: model entry", md, MODEL_KEYS)
-        if "name" not in md:
-            raise ConfigError(f"{where}: model entry {md} has no 'name'")
+    for raw in m["models"]:
+        md = _named_entry(where, "model", raw, MODEL_KEYS)
         models.append((md["name"], float(md.get("width", TrainConfig().width))))
     for s in m["seeds"]:
         if not isinstance(s, int) or isinstance(s, bool) or s < 0:
