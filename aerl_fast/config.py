@@ -61,6 +61,7 @@ class TrainConfig:
     loader: str = "auto"
     eval_batch_size: int = 1024
     checkpoint_minutes: float = 10.0
+    save_every: int = 0
     out: Optional[str] = None
     overwrite: bool = False
     progress: bool = True
@@ -98,6 +99,7 @@ class TrainConfig:
             (self.train_subset >= 0, f"--train-subset must be >= 0, got {self.train_subset}"),
             (self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}"),
             (self.checkpoint_minutes >= 0, f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}"),
+            (self.save_every >= 0, f"--save-every must be >= 0 (0 = off), got {self.save_every}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -148,6 +150,7 @@ HELP = {
               "pip install \"aerl_fast[dali]\"), or auto (tensor unless the set does not fit on the GPU)",
     "eval_batch_size": "batch size of validation/test evaluation",
     "checkpoint_minutes": "also checkpoint mid-epoch every this many minutes (0 = epoch ends only)",
+    "save_every": "also keep a checkpoint every N epochs as epoch_NNNN.pt (0 = off)",
     "out": "run folder (default runs/<dataset>-<model>-<objective>-<time>)",
     "overwrite": "allow writing into an existing run folder",
     "progress": "show progress bars",

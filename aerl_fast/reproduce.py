@@ -25,11 +25,15 @@ Layout of REPORT_DIR:
     runs/<dataset>-<model>x<width>-<objective>-s<seed>/   one training run per cell
     eval/<dataset>/seed<s>/                               aerl_fast.evaluate output of the cells of one
                                                           dataset and seed (table, transfer, dynamics)
+    eval/<dataset>/seed<s>/curves.json, curves.png        clean and PGD-L2 accuracy of each cell's
+                                                          periodic checkpoints (epoch_*.pt, written when
+                                                          the `train` overrides set save_every)
     report.md, report.json, report.csv                    the study's tables, every number
 
 Resumable: a cell with summary.json is never retrained, one with last.pt is resumed; an evaluation
 is reused while its metrics.json is newer than every best.pt it covers and was made with the same
-settings.  A second invocation after a finished one only rebuilds the report.
+settings; the accuracy of an epoch_*.pt is reused while its path and modification time are unchanged
+(curves.json).  A second invocation after a finished one only rebuilds the report.
 """
 from __future__ import annotations
 
@@ -350,6 +354,165 @@ def evaluate_groups(cells, root: Path, settings: dict, data_dir, log) -> Dict[tu
     return results
 
 
+# ------------------------------------------------------------------------- accuracy over epochs
+
+CURVES_FILE = "curves.json"
+CURVE_SETTINGS = ("eps", "steps", "step", "rel_step", "restarts", "n_test", "clamp", "seed")
+
+
+def epoch_checkpoints(run_dir: Path) -> List[Path]:
+    """The periodic checkpoints (train --save-every) of a run, in epoch order."""
+    return sorted(run_dir.glob("epoch_[0-9]*.pt"), key=lambda p: int(p.stem.split("_", 1)[1]))
+
+
+def curve_args(settings: dict, data_dir):
+    """aerl_fast.evaluate's parsed arguments for one PGD-L2 radius (the preset's first eps)."""
+    from aerl_fast import evaluate  # noqa: PLC0415
+
+    one = dict(settings, eps=_first_eps(settings))
+    argv = eval_argv(one, ["x"], Path("x"), data_dir)
+    argv = [a for a in argv if a not in ("--transfer", "--dynamics")]
+    return evaluate.parse_args(argv)
+
+
+def _first_eps(settings: dict) -> float:
+    eps = settings["eps"]
+    return float(eps[0] if isinstance(eps, (list, tuple)) else eps)
+
+
+def eval_checkpoint(path: Path, args, data_dir, data_cache: dict) -> dict:
+    """Clean and PGD-L2 accuracy (correct clean and under attack) of one checkpoint file, on the first
+    n_test test images, with aerl_fast.evaluate's own loading and attack code."""
+    from aerl_fast import evaluate  # noqa: PLC0415
+    from aerl_fast.runtime import resolve_device  # noqa: PLC0415
+
+    device = resolve_device(args.device)
+    entry = evaluate.load_entries([str(path)], device)[0]
+    key = evaluate.data_key(entry, data_dir)
+    if key not in data_cache:
+        data_cache[key] = evaluate.load_test_set(key, args.n_test, device)
+    x, y, _ = data_cache[key]
+    clean_ok = evaluate.predict(entry.model, x, args.batch_size) == y
+    spec = args.specs[0]
+    r = evaluate.run_gradient_attack(entry.model, x, y, clean_ok, spec, spec.eps, args,
+                                     early_stop=args.early_stop)
+    return {"clean_acc": float(clean_ok.double().mean()), "pgd_l2_acc": float(r["acc"][0]),
+            "n_test": int(x.shape[0])}
+
+
+def evaluate_curves(cells, root: Path, settings: dict, data_dir, log) -> Dict[tuple, dict]:
+    """Accuracy of every epoch_*.pt of every cell, per (dataset, seed), cached in
+    eval/<dataset>/seed<s>/curves.json by checkpoint path and modification time (and settings)."""
+    sig = {k: settings[k] for k in CURVE_SETTINGS}
+    sig["eps"] = _first_eps(settings)
+    sig["data_dir"] = data_dir
+    results = {}
+    args = None
+    for (ds, seed), members in groups(cells).items():
+        found = [(c, p) for c in members for p in epoch_checkpoints(root / "runs" / c.name)]
+        if not found:
+            continue
+        out = eval_dir(root, ds, seed)
+        cache_file = out / CURVES_FILE
+        old = {}
+        if cache_file.is_file():
+            try:
+                cached = json.loads(cache_file.read_text())
+                if cached.get("settings") == sig:
+                    old = cached.get("checkpoints", {})
+            except (json.JSONDecodeError, OSError):
+                old = {}
+        fresh, data_cache, computed = {}, {}, 0
+        for c, p in found:
+            key = str(p.relative_to(root))
+            mtime = p.stat().st_mtime_ns
+            rec = old.get(key)
+            if rec is None or rec.get("mtime_ns") != mtime:
+                if args is None:
+                    args = curve_args(settings, data_dir)
+                r = eval_checkpoint(p, args, data_dir, data_cache)
+                computed += 1
+                rec = {"cell": c.name, "objective": c.objective, "model": c.model, "width": c.width,
+                       "epoch": int(p.stem.split("_", 1)[1]), "mtime_ns": mtime, **r,
+                       "ratio": r["pgd_l2_acc"] / r["clean_acc"] if r["clean_acc"] > 0 else None}
+            fresh[key] = rec
+        out.mkdir(parents=True, exist_ok=True)
+        if computed or fresh != old:
+            cache_file.write_text(json.dumps({"settings": sig, "checkpoints": fresh}, indent=2) + "\n")
+        log(f"accuracy over epochs {ds} seed {seed}: {len(fresh)} checkpoints "
+            f"({computed} evaluated, {len(fresh) - computed} cached)")
+        plot_epoch_curves(fresh, out / "curves.png", f"{ds}, seed {seed}", sig["eps"])
+        results[(ds, seed)] = fresh
+    return results
+
+
+def _curve_label(rec, multi_model: bool) -> str:
+    return rec["objective"] + (f" {rec['model']}x{_fmt_width(rec['width'])}" if multi_model else "")
+
+
+def _by_cell(recs: dict) -> Dict[str, List[dict]]:
+    out: Dict[str, List[dict]] = {}
+    for rec in recs.values():
+        out.setdefault(rec["cell"], []).append(rec)
+    return {k: sorted(v, key=lambda r: r["epoch"]) for k, v in out.items()}
+
+
+def plot_epoch_curves(recs: dict, path: Path, title: str, eps: float):
+    """Left: clean (solid) and PGD-L2 (dashed) accuracy over epochs, one colour per cell; right: the
+    ratio adversarial / clean."""
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    cells = _by_cell(recs)
+    multi = len({(r["model"], r["width"]) for r in recs.values()}) > 1
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (cell, rs) in enumerate(cells.items()):
+        color = f"C{i % 10}"
+        ep = [r["epoch"] for r in rs]
+        label = _curve_label(rs[0], multi)
+        a1.plot(ep, [100 * r["clean_acc"] for r in rs], "o-", color=color, label=f"{label} clean")
+        a1.plot(ep, [100 * r["pgd_l2_acc"] for r in rs], "s--", color=color, label=f"{label} PGD-L2")
+        ratio = [(e, r["ratio"]) for e, r in zip(ep, rs) if r["ratio"] is not None]
+        a2.plot([e for e, _ in ratio], [v for _, v in ratio], "o-", color=color, label=label)
+    a1.set_ylabel("accuracy (%)")
+    a1.set_ylim(-2, 102)
+    a1.set_title(f"{title}: clean (solid), PGD-L2 eps {eps:g} (dashed)", fontsize=9)
+    a2.set_ylabel("adversarial / clean")
+    a2.set_ylim(-0.02, 1.02)
+    a2.set_title(f"{title}: ratio adversarial / clean", fontsize=9)
+    for ax in (a1, a2):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curves_markdown(recs: dict, rel: Path, ds: str, seed: int) -> List[str]:
+    cells = _by_cell(recs)
+    multi = len({(r["model"], r["width"]) for r in recs.values()}) > 1
+    epochs = sorted({r["epoch"] for r in recs.values()})
+    md = [f"### Accuracy over epochs, {ds}, seed {seed}", "",
+          f"![accuracy over epochs]({rel / 'curves.png'})", "",
+          "Periodic checkpoints (epoch_NNNN.pt): clean / adversarial accuracy in %, (ratio adv/clean); "
+          f"data: [curves.json]({rel / CURVES_FILE}).", "",
+          "| objective | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+          "|---|" + "---|" * len(epochs)]
+    for rs in cells.values():
+        at = {r["epoch"]: r for r in rs}
+
+        def cell(e):
+            r = at.get(e)
+            if r is None:
+                return "—"
+            ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            return f"{_pct(r['clean_acc'])} / {_pct(r['pgd_l2_acc'])} ({ratio})"
+        md.append(f"| {_curve_label(rs[0], multi)} | " + " | ".join(cell(e) for e in epochs) + " |")
+    return md + [""]
+
+
 # ---------------------------------------------------------------------------------------- report
 
 def _pct(v) -> str:
@@ -411,7 +574,8 @@ def _study_note(settings, models) -> str:
                if diffs else "."))
 
 
-def write_report(m: dict, cells, root: Path, metrics: Dict[tuple, dict], settings: dict) -> dict:
+def write_report(m: dict, cells, root: Path, metrics: Dict[tuple, dict], settings: dict,
+                 curves: Optional[Dict[tuple, dict]] = None) -> dict:
     data = collect(cells, root, metrics, settings)
     rows = data["rows"]
     seeds = sorted({c.seed for c in cells})
@@ -494,9 +658,15 @@ def write_report(m: dict, cells, root: Path, metrics: Dict[tuple, dict], setting
                     md.append(f"| {name} | {s['norm']:.3g} | {s['cos']:.3g} | {s['sign_agree']:.3g} | "
                               f"{s['dispersion']:.3g} |")
                 md.append("")
-    md += ["## Not in this report", "",
-           "Accuracy of periodic checkpoints over epochs (needs `--save-every` in aerl_fast.train, not "
-           "yet available): only the best checkpoint of each cell is evaluated.", ""]
+    curves = curves or {}
+    if curves:
+        md += ["## Accuracy over epochs", ""]
+        for (ds, seed), recs in curves.items():
+            md += curves_markdown(recs, Path("eval") / ds / f"seed{seed}", ds, seed)
+    else:
+        md += ["## Not in this report", "",
+               "Accuracy of periodic checkpoints over epochs: no cell kept any (set `\"save_every\": N` in "
+               "the preset's `train` overrides); only the best checkpoint of each cell is evaluated.", ""]
     (root / "report.md").write_text("\n".join(md))
 
     report = {"preset": m["_name"], "preset_path": m["_path"], "eval_settings": settings,
@@ -506,7 +676,9 @@ def write_report(m: dict, cells, root: Path, metrics: Dict[tuple, dict], setting
                             "settings": PUBLISHED_SETTINGS},
               "cells": rows, "summary": summary_rows,
               "transfer": {f"{ds}/seed{s}": metrics[(ds, s)].get("transfer") for ds, s in metrics},
-              "dynamics": {f"{ds}/seed{s}": metrics[(ds, s)].get("dynamics") for ds, s in metrics}}
+              "dynamics": {f"{ds}/seed{s}": metrics[(ds, s)].get("dynamics") for ds, s in metrics},
+              "curves": {f"{ds}/seed{s}": sorted(recs.values(), key=lambda r: (r["cell"], r["epoch"]))
+                         for (ds, s), recs in curves.items()}}
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(root / "report.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -577,7 +749,8 @@ def main(argv=None) -> Optional[dict]:
         train_cells(cells, runs, log)
         settings = eval_settings(m)
         metrics = evaluate_groups(cells, root, settings, args.data_dir, log)
-        report = write_report(m, cells, root, metrics, settings)
+        curves = evaluate_curves(cells, root, settings, args.data_dir, log)
+        report = write_report(m, cells, root, metrics, settings, curves)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)

@@ -35,7 +35,7 @@ from aerl_fast.errors import CheckpointError, ConfigError, UserError
 from aerl_fast.objectives import ObjectiveConfig, train_step
 
 RESUMABLE_CHANGES = {"epochs", "device", "amp", "compile", "progress", "eval_batch_size",
-                     "checkpoint_minutes", "overwrite", "out", "preset"}
+                     "checkpoint_minutes", "save_every", "overwrite", "out", "preset"}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -390,6 +390,8 @@ class Trainer:
                 record["epoch_s"] = time.perf_counter() - t0
                 record["best"] = improved
                 self.save("last.pt")
+                if cfg.save_every and self.epoch % cfg.save_every == 0:
+                    self.save(f"epoch_{self.epoch:04d}.pt")  # periodic checkpoint, kept
                 if improved:
                     self.save("best.pt")
                 if log is not None:
@@ -462,6 +464,8 @@ def open_run(cfg: TrainConfig, resume, given):
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("log.jsonl", "summary.json", "best.pt", "last.pt"):
             (run_dir / stale).unlink(missing_ok=True)
+        for stale in run_dir.glob("epoch_[0-9]*.pt"):  # periodic checkpoints of an earlier run
+            stale.unlink()
         _write_json(run_dir / "config.json", cfg.to_json())
         return cfg, run_dir, None
     run_dir = Path(resume)

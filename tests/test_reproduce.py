@@ -219,3 +219,77 @@ def test_published_values_beside_ours_on_cifar10(tmp_path):
     assert "Clean accuracy SL − RL (alicnnx0.25)" in md
     assert "| crafted on rl, evaluated on sl |" in md and "| crafted on sl, evaluated on rl |" in md
     assert "| evaluated on rl-adv (crafted on the others) |" in md
+
+
+@pytest.fixture(scope="module")
+def with_curves(tmp_path_factory):
+    """The micro matrix with periodic checkpoints (train save_every 1, 2 epochs)."""
+    tmp = tmp_path_factory.mktemp("curves")
+    out = tmp / "report"
+    train_over = {"epochs": 2, "train_subset": 400, "batch_size": 64, "device": "cpu",
+                  "eval_batch_size": 256, "checkpoint_minutes": 0, "save_every": 1}
+    preset = micro_preset(tmp, train=train_over)
+    report = reproduce.main(["--preset", preset, "--out", str(out)])
+    return preset, out, report
+
+
+def test_accuracy_over_epochs(with_curves):
+    import torch
+    import aerl_fast
+
+    _, out, report = with_curves
+    ev = out / "eval" / "shapes" / "seed0"
+    assert (ev / "curves.png").is_file() and (ev / "curves.png").stat().st_size > 0
+    data = json.loads((ev / "curves.json").read_text())
+    recs = data["checkpoints"]
+    expected = {f"runs/{c}/epoch_{e:04d}.pt" for c in CELLS for e in (1, 2)}
+    assert set(recs) == expected
+    for key, r in recs.items():
+        assert r["cell"] in key and key.endswith(f"epoch_{r['epoch']:04d}.pt")
+        assert 0 <= r["clean_acc"] <= 1 and 0 <= r["pgd_l2_acc"] <= r["clean_acc"] and r["n_test"] == 64
+        assert r["ratio"] == pytest.approx(r["pgd_l2_acc"] / r["clean_acc"])
+    assert data["settings"]["eps"] == 1.0 and data["settings"]["steps"] == 3
+    # the last epoch's clean accuracy, computed independently of reproduce/evaluate
+    x, y, _ = aerl_fast.load_dataset("shapes", None, "test")
+    xb = torch.from_numpy(x[:64].copy()).permute(0, 3, 1, 2).float() / 255
+    yb = torch.from_numpy(y[:64].copy()).long()
+    for cell in CELLS:
+        model = aerl_fast.load_model(out / "runs" / cell / "epoch_0002.pt")
+        with torch.no_grad():
+            acc = (model(xb).argmax(1) == yb).double().mean().item()
+        assert recs[f"runs/{cell}/epoch_0002.pt"]["clean_acc"] == pytest.approx(acc, abs=1e-9)
+    md = (out / "report.md").read_text()
+    assert "### Accuracy over epochs, shapes, seed 0" in md
+    assert "(eval/shapes/seed0/curves.png)" in md
+    assert "| objective | epoch 1 | epoch 2 |" in md and "| sl | " in md and "| rl | " in md
+    assert "Not in this report" not in md
+    assert len(report["curves"]["shapes/seed0"]) == 4
+
+
+def test_accuracy_over_epochs_is_cached(with_curves, tmp_path, monkeypatch):
+    preset, out, _ = with_curves
+    ev = out / "eval" / "shapes" / "seed0"
+    before = (ev / "curves.json").read_text()
+    monkeypatch.setattr(train, "main", forbid(monkeypatch, "training"))
+    real_main = evaluate.main
+    monkeypatch.setattr(evaluate, "main", forbid(monkeypatch, "evaluation"))
+    real_eval = reproduce.eval_checkpoint
+    monkeypatch.setattr(reproduce, "eval_checkpoint", forbid(monkeypatch, "curve evaluation"))
+    reproduce.main(["--preset", preset, "--out", str(out)])
+    assert (ev / "curves.json").read_text() == before
+    # a rewritten checkpoint (new mtime) is evaluated again, and only that one (the copy's other
+    # folder names make the main evaluation run again: allowed here)
+    monkeypatch.setattr(evaluate, "main", real_main)
+    copy = tmp_path / "report"
+    shutil.copytree(out, copy)
+    ckpt = copy / "runs" / CELLS[0] / "epoch_0001.pt"
+    later = time.time() + 5
+    os.utime(ckpt, (later, later))
+    seen = []
+    monkeypatch.setattr(reproduce, "eval_checkpoint", lambda p, *a: seen.append(p) or real_eval(p, *a))
+    reproduce.main(["--preset", preset, "--out", str(copy)])
+    assert seen == [ckpt]
+    assert json.loads((copy / "eval" / "shapes" / "seed0" / "curves.json").read_text())["checkpoints"] \
+        == json.loads(before)["checkpoints"] | {
+            f"runs/{CELLS[0]}/epoch_0001.pt": json.loads(before)["checkpoints"][f"runs/{CELLS[0]}/epoch_0001.pt"]
+            | {"mtime_ns": ckpt.stat().st_mtime_ns}}

@@ -109,6 +109,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     (["--adv-beta", "-1"], "--adv-beta must be >= 0"),
     (["--explore-eps", "1.5"], "--explore-eps must be in [0, 1]"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
     (["--preset", "nope"], "unknown preset 'nope'"),
 ])
@@ -177,3 +178,18 @@ def test_cli_error_has_no_traceback(tmp_path):
                        capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "missing.npz" in r.stderr
+
+
+def test_save_every_keeps_periodic_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    train_mod.main(TINY + ["--objective", "sl", "--epochs", "2", "--save-every", "1", "--out", str(out)])
+    assert sorted(p.name for p in out.glob("epoch_*.pt")) == ["epoch_0001.pt", "epoch_0002.pt"]
+    for name in ("epoch_0001.pt", "epoch_0002.pt"):
+        model = aerl_fast.load_model(out / name)
+        assert not model.training
+    assert torch.load(out / "epoch_0001.pt", weights_only=True)["epoch"] == 1
+    last, second, first = _weights(out), _weights(out, "epoch_0002.pt"), _weights(out, "epoch_0001.pt")
+    assert last.keys() == second.keys()
+    for k in last:
+        assert torch.equal(last[k], second[k]), k
+    assert any(not torch.equal(first[k], last[k]) for k in last)  # the epochs are distinct snapshots
