@@ -132,6 +132,17 @@ if triton is not None:
         tl.store(xadv_ptr + offs, out.to(xadv_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _l2_tile(xadv_ptr, x0_ptr, g_ptr, base, rmask, t, N, BLOCK_N: tl.constexpr):
+        """Tile t of ROWS samples: offsets, mask and x_adv, x0, grad in fp32 (both passes read it)."""
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = rmask[:, None] & (cols < N)[None, :]
+        offs = base[:, None] + cols[None, :]
+        xa = tl.load(xadv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return offs, mask, xa, x0, g
+
+    @triton.jit
     def _pgd_l2_kernel(xadv_ptr, x0_ptr, g_ptr, step_ptr, eps_ptr, B, N, lo, hi,
                        HAS_CLAMP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -142,12 +153,7 @@ if triton is not None:
         dd = tl.zeros([ROWS], tl.float32)
         n_tiles = tl.cdiv(N, BLOCK_N)
         for t in range(0, n_tiles):
-            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask = rmask[:, None] & (cols < N)[None, :]
-            offs = base[:, None] + cols[None, :]
-            xa = tl.load(xadv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            offs, mask, xa, x0, g = _l2_tile(xadv_ptr, x0_ptr, g_ptr, base, rmask, t, N, BLOCK_N)
             d0 = xa - x0
             gg += tl.sum(g * g, axis=1)
             dg += tl.sum(d0 * g, axis=1)
@@ -159,12 +165,7 @@ if triton is not None:
         factor = tl.minimum(e / tl.maximum(tl.sqrt(dn2), 1e-12), 1.0)
         sg = s * inv
         for t in range(0, n_tiles):
-            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask = rmask[:, None] & (cols < N)[None, :]
-            offs = base[:, None] + cols[None, :]
-            xa = tl.load(xadv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            offs, mask, xa, x0, g = _l2_tile(xadv_ptr, x0_ptr, g_ptr, base, rmask, t, N, BLOCK_N)
             out = x0 + (xa - x0 + sg[:, None] * g) * factor[:, None]
             if HAS_CLAMP:
                 out = tl.minimum(tl.maximum(out, lo), hi)
