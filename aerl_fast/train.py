@@ -214,8 +214,7 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
     def _empty_progress(self):
         z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
-        return {"loss": z(), "loss_adv": z(), "correct": z(), "reward": z(), "seen": 0, "steps": 0,
-                "train_s": 0.0}
+        return {"loss": z(), "loss_adv": z(), "correct": z(), "reward": z(), "seen": 0, "train_s": 0.0}
 
     def _rng_state(self) -> dict:
         rng = {"cpu": torch.get_rng_state(), "explore": self.explore_gen.get_state()}
@@ -225,7 +224,7 @@ class Trainer:
 
     def reduced_progress(self) -> dict:
         """The epoch accumulators summed over the ranks (loss/reward/correct sums and images seen);
-        steps and training time are rank 0's.  A collective under torchrun: every rank calls it."""
+        training time is rank 0's.  A collective under torchrun: every rank calls it."""
         pr = self.progress
         if not self.dist.enabled:
             return pr
@@ -282,12 +281,14 @@ class Trainer:
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
 
-    def save(self, name="last.pt"):
-        """Rank 0 writes (atomically); every rank takes part in gathering the state and waits for the
-        write, so no rank runs ahead of a checkpoint that may be read back."""
+    def save(self, *names):
+        """Write the current state under each of `names` (default last.pt), gathered once.  Rank 0
+        writes (atomically); every rank takes part in gathering the state and waits for the write, so
+        no rank runs ahead of a checkpoint that may be read back."""
         state = self.state()
         if self.dist.is_main:
-            save_checkpoint(state, self.run_dir / name)
+            for name in names or ("last.pt",):
+                save_checkpoint(state, self.run_dir / name)
         self.dist.barrier()
 
     # -- loop -------------------------------------------------------------------------------
@@ -322,7 +323,6 @@ class Trainer:
             if out.reward is not None:
                 pr["reward"] += out.reward.double() * n
             pr["seen"] += n
-            pr["steps"] += 1
             self.step += 1
             bar.update(1)
             if not bar.disable and (self.step % 20 == 0 or self.step == steps):  # one host sync per 20 steps
@@ -389,11 +389,12 @@ class Trainer:
                     self.best_val = val_acc if val_acc is not None else -1.0
                 record["epoch_s"] = time.perf_counter() - t0
                 record["best"] = improved
-                self.save("last.pt")
+                names = ["last.pt"]
                 if cfg.save_every and self.epoch % cfg.save_every == 0:
-                    self.save(f"epoch_{self.epoch:04d}.pt")  # periodic checkpoint, kept
+                    names.append(f"epoch_{self.epoch:04d}.pt")  # periodic checkpoint, kept
                 if improved:
-                    self.save("best.pt")
+                    names.append("best.pt")
+                self.save(*names)
                 if log is not None:
                     log.epoch(record)
                 self.log(f"epoch {record['epoch']}/{cfg.epochs}  loss {train_loss:.4f}  train_acc {record['train_acc']:.3f}  "
