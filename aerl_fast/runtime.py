@@ -54,6 +54,23 @@ def autocast_context(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def prefers_channels_last(device: torch.device) -> bool:
+    """Whether the model's weights go channels_last (NHWC memory) on `device`: yes on CUDA (tensor
+    cores) and on the CPU, where oneDNN's convolutions then skip their per-call weight reorders.
+    Measured on our CPU (1 thread, RL step): alicnn w0.5 b64 fp32 104 -> 74 ms, bf16 69 -> 42 ms;
+    cnn6 w0.25 b128 951 -> 798 ms; resnet18 w0.25 101 -> 84 ms; densenet121 2120 -> 1903 ms;
+    PGD-10 on alicnn b128 4.7-5.0 -> 3.5-3.7 s."""
+    return device.type in ("cuda", "cpu")
+
+
+def channels_last_batches(device: torch.device) -> bool:
+    """Whether the loader hands out channels_last batches: on CUDA only.  On the CPU a channels_last
+    model takes NCHW input at the same speed (the first convolution re-lays it; measured alicnn b128
+    505-518 ms with NCHW input against 524-525 ms channels_last), while laying the batch out in the
+    loader costs a strided copy that halves the loader's rate (185k -> 110-116k img/s)."""
+    return device.type == "cuda"
+
+
 def should_compile(device: torch.device, requested) -> bool:
     """--compile default: on for CUDA, off for CPU (measured: ~30 s compile, no gain on these CNNs)."""
     return (device.type == "cuda") if requested is None else bool(requested)

@@ -167,8 +167,7 @@ class Trainer:
                                       f"{saved['num_classes']} classes), this run builds {self.spec['name']} "
                                       f"(width {self.spec['width']}, {self.spec['num_classes']} classes)")
         self.model = build_from_spec(self.spec).to(self.device)
-        channels_last = self.device.type == "cuda"
-        if channels_last:
+        if runtime.prefers_channels_last(self.device):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = runtime.amp_dtype(self.device, cfg.amp, log=log)
         self.autocast = runtime.autocast_context(self.device, self.amp_dtype) if self.amp_dtype else None
@@ -189,7 +188,7 @@ class Trainer:
         if not dist.enabled:
             self.eval_model = self.forward_model
         self.loader, self.loader_choice = make_loader(cfg, train.images, train.labels, self.device,
-                                                      channels_last=channels_last)
+                                                      channels_last=runtime.channels_last_batches(self.device))
         if dist.enabled:
             if len(train.labels) < dist.world_size:
                 raise ConfigError(f"{len(train.labels)} training images cannot feed {dist.world_size} processes")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import _images, _report, study_pil_loader  # noqa: E402  (sets BENCH_THREADS)
 
+from aerl_fast import runtime  # noqa: E402
 from aerl_fast.data.dali import dali_available  # noqa: E402
 from aerl_fast.data.loader import Augment, DeviceLoader  # noqa: E402
 
@@ -122,6 +123,8 @@ def overhead_setup():
     batches = list(trainer.loader.epoch(0))
     bare = build_from_spec(trainer.spec)
     bare.load_state_dict(trainer.model.state_dict())
+    if runtime.prefers_channels_last(trainer.device):  # the trainer's layout: the same work, bare
+        bare = bare.to(memory_format=torch.channels_last)
     bare.train()
     opt = torch.optim.AdamW(bare.parameters(), lr=trainer.cfg.lr, weight_decay=trainer.cfg.weight_decay, fused=True)
     return trainer, bare, opt, batches

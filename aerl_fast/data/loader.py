@@ -132,9 +132,9 @@ class DeviceLoader(EpochOrder):
             if self.augment is not None and self.augment.active:
                 self._gen.manual_seed(_seed(self.seed, epoch, step, 1))
                 x = augment_batch(x, self.augment, self._gen)
-            x = x.float().div_(255.0)
-            if self.channels_last:
+            if self.channels_last:  # re-lay the uint8 batch: a quarter of the bytes of the float one
                 x = x.contiguous(memory_format=torch.channels_last)
+            x = x.float().div_(255.0)  # keeps the memory format
             yield x, self.labels.index_select(0, idx)
 
     def __iter__(self):
