@@ -41,6 +41,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -740,8 +741,12 @@ def main(argv=None) -> Optional[dict]:
         if args.print_commands:
             runs = runs.resolve()  # the commands run from wherever the job scheduler starts them
             todo = [c for c in cells if not cell_done(runs / c.name)]
-            for c in todo:
-                print("python -m aerl_fast.train " + shlex.join(train_argv(c, runs / c.name)))
+            try:
+                for c in todo:
+                    print("python -m aerl_fast.train " + shlex.join(train_argv(c, runs / c.name)), flush=True)
+            except BrokenPipeError:  # `--print-commands | head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+                return None
             log(f"{len(todo)} of {len(cells)} cells to train ({len(cells) - len(todo)} done)")
             return None
         log(f"{m['_name']}: {len(cells)} cells -> {root}")

@@ -149,6 +149,19 @@ def test_print_commands(tmp_path, capsys, finished):
     assert capsys.readouterr().out.strip() == ""
 
 
+def test_print_commands_into_a_closed_pipe_is_quiet(tmp_path):
+    """`--print-commands | head -1`: the reader leaves early; no BrokenPipe traceback, exit 0."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "aerl_fast.reproduce", "--preset", micro_preset(tmp_path),
+                             "--out", str(tmp_path / "o"), "--print-commands"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # before the interpreter has started: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 @pytest.mark.parametrize("changes, match", [
     ({"colour": 1}, "unknown key(s) colour"),
     ({"train": {"epochs": 1, "learning_rate": 0.1}}, "'train': unknown key(s) learning_rate"),
