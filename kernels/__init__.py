@@ -100,15 +100,16 @@ def eps_greedy_pg_loss(logits, labels, epsilon, *, explore="sample", prob_floor=
         seed=seed, reduction=reduction, actions=actions, checked=True), reference)
 
 
-def pgd_step(x_adv, x0, grad, step, eps, norm="linf", clamp=(0.0, 1.0)):
+def pgd_step(x_adv, x0, grad, step, eps, norm="linf", clamp=(0.0, 1.0), validate=True):
     """One in-place PGD update with per-sample step/ε (floats or [B] tensors); see `pgd_step.py`.
-    Returns `x_adv`."""
+    Returns `x_adv`.  `validate=False` skips reading tensor step/ε for negatives (a host sync on
+    CUDA each call): for attack loops that checked them once up front."""
     if not _use_triton("pgd_step", getattr(x_adv, "device", torch.device("cpu"))):
-        return pgd_step_reference(x_adv, x0, grad, step, eps, norm=norm, clamp=clamp)
+        return pgd_step_reference(x_adv, x0, grad, step, eps, norm=norm, clamp=clamp, validate=validate)
     check_pgd_inputs(x_adv, x0, grad, norm, clamp)
     batch = x0.shape[0]
-    step_t = per_sample(step, batch, x0, "step").reshape(batch)
-    eps_t = per_sample(eps, batch, x0, "eps").reshape(batch)
+    step_t = per_sample(step, batch, x0, "step", validate).reshape(batch)
+    eps_t = per_sample(eps, batch, x0, "eps", validate).reshape(batch)
     return _launch("pgd_step", x_adv.device,
                    lambda: _pgd.pgd_step_fused(x_adv, x0, grad, step_t, eps_t, norm=norm,
                                                clamp=clamp, checked=True),

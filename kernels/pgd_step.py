@@ -23,9 +23,10 @@ _TINY = 1e-12
 Scalar = Union[float, torch.Tensor]
 
 
-def per_sample(value: Scalar, batch: int, like: torch.Tensor, name: str) -> torch.Tensor:
+def per_sample(value: Scalar, batch: int, like: torch.Tensor, name: str, validate: bool = True) -> torch.Tensor:
     """Broadcast a float or a [B] tensor to a [B, 1, ...] fp32 tensor; reject negatives.
-    A Python number is checked on the host, so an attack loop with float step/ε never syncs."""
+    A Python number is checked on the host, so an attack loop with float step/ε never syncs; a
+    tensor's values are read only when `validate` (a host sync on CUDA)."""
     if not isinstance(value, torch.Tensor) and float(value) < 0:
         raise ValueError(f"pgd_step: {name} must be >= 0, got min {float(value)}")
     t = torch.as_tensor(value, dtype=torch.float32, device=like.device)
@@ -33,7 +34,7 @@ def per_sample(value: Scalar, batch: int, like: torch.Tensor, name: str) -> torc
         t = t.expand(batch)
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"pgd_step: {name} must be a float or a [{batch}] tensor, got shape {tuple(t.shape)}")
-    if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling() \
+    if validate and isinstance(value, torch.Tensor) and not torch.compiler.is_compiling() \
             and bool((t < 0).any()):  # reads the data: eager only
         raise ValueError(f"pgd_step: {name} must be >= 0, got min {float(t.min())}")
     return t.view(batch, *([1] * (like.dim() - 1)))
@@ -57,12 +58,13 @@ def check_pgd_inputs(x_adv, x0, grad, norm, clamp):
 
 def pgd_step_reference(x_adv: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step: Scalar,
                        eps: Scalar, norm: str = "linf",
-                       clamp: Optional[Tuple[float, float]] = (0.0, 1.0)) -> torch.Tensor:
-    """Torch reference of the fused PGD update; modifies and returns `x_adv`."""
+                       clamp: Optional[Tuple[float, float]] = (0.0, 1.0), validate: bool = True) -> torch.Tensor:
+    """Torch reference of the fused PGD update; modifies and returns `x_adv`.  `validate=False`
+    skips the per-call check of tensor step/ε values for negatives (the caller checked them once)."""
     check_pgd_inputs(x_adv, x0, grad, norm, clamp)
     batch = x0.shape[0]
-    step_t = per_sample(step, batch, x0, "step")
-    eps_t = per_sample(eps, batch, x0, "eps")
+    step_t = per_sample(step, batch, x0, "step", validate)
+    eps_t = per_sample(eps, batch, x0, "eps", validate)
     return _pgd_update_torch(x_adv, x0, grad, step_t, eps_t, norm, clamp)
 
 

@@ -205,7 +205,8 @@ def _restart(model, x0_all, y_all, rows, start, eps, step, steps, norm, box, ear
                     eps, step = index(eps, keep), index(step, keep)
                     if stash_needed:
                         pending, stash = pending[keep], stash[keep]
-        pgd_step(xa, x0, g, step, eps, norm=norm, clamp=box)  # the one PGD update call site
+        # the one PGD update call site; step/ε were checked once in _run (no per-step host sync)
+        pgd_step(xa, x0, g, step, eps, norm=norm, clamp=box, validate=False)
 
     if need_final:
         with torch.no_grad():

@@ -182,3 +182,23 @@ def test_backend_and_triton_path_used(monkeypatch, gen):
     x_adv, x0, grad, eps = make_case(gen, "linf", "on")
     pgd_step(x_adv, x0, grad, 0.01, eps)
     assert calls == [1]
+
+
+def test_validate_false_skips_only_the_value_read(monkeypatch):
+    """validate=False: tensor step/ε are not read (no host sync on CUDA) — shapes are still checked,
+    and the update equals the validated one."""
+    gen = torch.Generator().manual_seed(11)
+    x0, grad = torch.rand(5, 7, generator=gen), torch.randn(5, 7, generator=gen)
+    eps = torch.rand(5, generator=gen) * 0.2
+    want = pgd_step(x0.clone(), x0, grad, eps / 3, eps, norm="l2")
+    got = pgd_step(x0.clone(), x0, grad, eps / 3, eps, norm="l2", validate=False)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"eps must be a float or a \[5\] tensor"):
+        pgd_step(x0.clone(), x0, grad, 0.1, eps[:4], validate=False)
+    reads = []
+    real_any = torch.Tensor.any
+    monkeypatch.setattr(torch.Tensor, "any", lambda self, *a, **k: reads.append(1) or real_any(self, *a, **k))
+    pgd_step(x0.clone(), x0, grad, eps / 3, eps, validate=False)
+    assert not reads
+    pgd_step(x0.clone(), x0, grad, eps / 3, eps)
+    assert reads  # the default reads the values, once per tensor
