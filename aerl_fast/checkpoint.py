@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from aerl_fast import runtime
 from aerl_fast.errors import CheckpointError
 
 FORMAT = "aerl_fast/1"
@@ -79,7 +78,4 @@ def load_model(path, device="cpu") -> torch.nn.Module:
                               f"({str(exc).splitlines()[0]})") from None
     model.aerl_spec = dict(state["model_spec"])
     model.aerl_config = dict(state.get("config", {}))
-    model = model.to(device).eval()
-    if runtime.prefers_channels_last(torch.device(device)):
-        model = model.to(memory_format=torch.channels_last)  # attacks run ~1.35x faster on CPU
-    return model
+    return model.to(device).eval()

@@ -59,7 +59,9 @@ def prefers_channels_last(device: torch.device) -> bool:
     cores) and on the CPU, where oneDNN's convolutions then skip their per-call weight reorders.
     Measured on our CPU (1 thread, RL step): alicnn w0.5 b64 fp32 104 -> 74 ms, bf16 69 -> 42 ms;
     cnn6 w0.25 b128 951 -> 798 ms; resnet18 w0.25 101 -> 84 ms; densenet121 2120 -> 1903 ms;
-    PGD-10 on alicnn b128 4.7-5.0 -> 3.5-3.7 s."""
+    PGD-10 on alicnn b128 4.7-5.0 -> 3.5-3.7 s.  `load_model` still hands out NCHW models: a
+    channels_last model returns channels_last input gradients, which peer attack libraries
+    (torchattacks, AutoAttack) `.view()` and fail on."""
     return device.type in ("cuda", "cpu")
 
 
