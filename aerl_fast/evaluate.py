@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from aerl_fast import runtime
 from aerl_fast.errors import UserError
 
 ATTACK_NAMES = ("fgsm", "pgd-linf", "pgd-l2", "autoattack")
@@ -59,7 +60,7 @@ class AttackSpec:
 class ModelEntry:
     name: str
     path: str
-    model: torch.nn.Module
+    model: torch.nn.Module   # as load_model gives it (NCHW): what peer libraries (AutoAttack) get
     spec: dict
     config: dict
     objective: str
@@ -68,6 +69,11 @@ class ModelEntry:
     masking: list = field(default_factory=list)
     clean_acc: float = float("nan")
     clean_ok: Optional[torch.Tensor] = None
+    fast: Optional[torch.nn.Module] = None  # the same weights laid out for our own attacks
+
+    def __post_init__(self):
+        if self.fast is None:
+            self.fast = runtime.fast_eval_copy(self.model)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -388,7 +394,7 @@ def evaluate(args, log=print) -> dict:
     t_start = time.perf_counter()
     for e in entries:
         x, y, _ = data[e.data_key]
-        clean_ok = predict(e.model, x, args.batch_size) == y
+        clean_ok = predict(e.fast, x, args.batch_size) == y
         e.clean_acc = float(clean_ok.double().mean())
         e.clean_ok = clean_ok
         log(f"{e.name} ({e.objective}): clean accuracy {e.clean_acc:.2%} on {x.shape[0]} images")
@@ -399,7 +405,7 @@ def evaluate(args, log=print) -> dict:
                 keep = t_eps if (args.transfer and s is t_spec and t_eps in s.eps
                                  and (s.kind == "fgsm" or not args.early_stop)) else None
                 with make_bar(len(s.eps) * x.shape[0], f"{e.name} {s.name}") as bar:
-                    r = run_gradient_attack(e.model, x, y, clean_ok, s, s.eps, args,
+                    r = run_gradient_attack(e.fast, x, y, clean_ok, s, s.eps, args,
                                             early_stop=args.early_stop, keep_eps=keep, bar=bar)
                 if keep is not None:
                     adversarials[e.name] = r["x_adv"]
@@ -442,10 +448,10 @@ def run_transfer(entries, data, t_spec, t_eps, args, adversarials, make_bar, out
     for e in entries:
         if e.name not in adversarials:
             with make_bar(x.shape[0], f"craft {e.name}") as bar:
-                r = run_gradient_attack(e.model, x, y, e.clean_ok, t_spec, [t_eps], args,
+                r = run_gradient_attack(e.fast, x, y, e.clean_ok, t_spec, [t_eps], args,
                                         early_stop=False, keep_eps=t_eps, bar=bar)
             adversarials[e.name] = r["x_adv"]
-    res = transfer_matrix({e.name: e.model for e in entries}, x, y, attack=None,
+    res = transfer_matrix({e.name: e.fast for e in entries}, x, y, attack=None,
                           batch_size=args.batch_size, adversarials=adversarials)
     info = {"attack": t_spec.name, "norm": t_spec.norm, "eps": t_eps, "mode": mode,
             "names": res.names, "accuracy": res.accuracy.tolist(), "clean": res.clean.tolist(),
@@ -465,7 +471,7 @@ def run_dynamics(entries, data, spec, eps, args, make_bar, out, log):
         n = min(args.dynamics_n, x.shape[0])
         with make_bar(n, f"dynamics {e.name}") as bar:
             results[e.name] = gradient_dynamics(
-                e.model, x[:n], y[:n], eps=eps, step=step_for(args, eps), steps=args.steps,
+                e.fast, x[:n], y[:n], eps=eps, step=step_for(args, eps), steps=args.steps,
                 norm=spec.norm, clamp=args.clamp, random_start=args.random_start, seed=args.seed,
                 batch_size=args.batch_size, loss=args.loss, progress=bar.update)
         s = results[e.name]["summary"]
@@ -494,10 +500,10 @@ def run_landscapes(entries, data, spec, eps, args, out, log):
             log(f"  landscape {e.name}: no correctly classified sample, skipped")
             continue
         xs, ys = x[idx], y[idx]
-        x_adv = pgd(e.model, xs, ys, eps=eps, step=step_for(args, eps), steps=args.steps,
+        x_adv = pgd(e.fast, xs, ys, eps=eps, step=step_for(args, eps), steps=args.steps,
                     norm=spec.norm, random_start=args.random_start, early_stop=False,
                     clamp=args.clamp, seed=args.seed, loss=args.loss, sample_ids=idx)
-        lands = loss_landscape(e.model, xs, ys, x_adv, grid=args.landscape_grid, seed=args.seed,
+        lands = loss_landscape(e.fast, xs, ys, x_adv, grid=args.landscape_grid, seed=args.seed,
                                batch_size=max(args.batch_size, 256))
         payload[e.name] = {}
         for i, land in zip(idx.tolist(), lands):
@@ -517,7 +523,7 @@ def run_masking(entries, data, grad_specs, transfer, args, out, log):
     for e in entries:
         x, y, _ = data[e.data_key]
         flags = []
-        zero = mk.zero_gradient_count(e.model, x, y, loss=args.loss, batch_size=args.batch_size)
+        zero = mk.zero_gradient_count(e.fast, x, y, loss=args.loss, batch_size=args.batch_size)
         flags.append(mk.check_zero_gradients(zero, x.shape[0], args.loss))
         if transfer is not None and len(transfer["names"]) > 1:
             j = transfer["names"].index(e.name)
@@ -531,7 +537,7 @@ def run_masking(entries, data, grad_specs, transfer, args, out, log):
             large = mk.large_epsilon(g_spec.norm, x.shape[1:])
             large_acc = None
             if idx.numel():
-                large_acc = mk.large_epsilon_accuracy(e.model, x[idx], y[idx], norm=g_spec.norm,
+                large_acc = mk.large_epsilon_accuracy(e.fast, x[idx], y[idx], norm=g_spec.norm,
                                                       steps=args.steps, clamp=args.clamp,
                                                       loss=args.loss, batch_size=args.batch_size)
             flags.append(mk.check_epsilon_curve(r["eps"], r["acc"], large, large_acc, int(idx.numel())))

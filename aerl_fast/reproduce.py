@@ -393,9 +393,9 @@ def eval_checkpoint(path: Path, args, data_dir, data_cache: dict) -> dict:
     if key not in data_cache:
         data_cache[key] = evaluate.load_test_set(key, args.n_test, device)
     x, y, _ = data_cache[key]
-    clean_ok = evaluate.predict(entry.model, x, args.batch_size) == y
+    clean_ok = evaluate.predict(entry.fast, x, args.batch_size) == y
     spec = args.specs[0]
-    r = evaluate.run_gradient_attack(entry.model, x, y, clean_ok, spec, spec.eps, args,
+    r = evaluate.run_gradient_attack(entry.fast, x, y, clean_ok, spec, spec.eps, args,
                                      early_stop=args.early_stop)
     return {"clean_acc": float(clean_ok.double().mean()), "pgd_l2_acc": float(r["acc"][0]),
             "n_test": int(x.shape[0])}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import sys
 
@@ -63,6 +64,16 @@ def prefers_channels_last(device: torch.device) -> bool:
     channels_last model returns channels_last input gradients, which peer attack libraries
     (torchattacks, AutoAttack) `.view()` and fail on."""
     return device.type in ("cuda", "cpu")
+
+
+def fast_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A channels_last copy of an (eval-mode) model for aerl_fast's own attacks, or the model itself
+    where channels_last does not pay.  A copy, because the original goes to peer libraries that
+    `.view()` input gradients, which a channels_last model returns channels_last."""
+    p = next(model.parameters(), None)
+    if p is None or not prefers_channels_last(p.device):
+        return model
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 def channels_last_batches(device: torch.device) -> bool:

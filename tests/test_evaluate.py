@@ -198,3 +198,17 @@ def test_autoattack_missing_extra(tiny_runs, tmp_path, capsys, monkeypatch):  # 
     monkeypatch.setitem(sys.modules, "autoattack", None)
     _expect_error([str(tiny_runs.dirs["sl"]), "--attack", "autoattack", "--out", str(tmp_path / "o")]
                   + FAST, capsys, "pip install 'aerl_fast[autoattack]'")
+
+
+def test_model_entry_keeps_an_nchw_model_for_peers_and_a_channels_last_copy_for_our_attacks():
+    torch.manual_seed(3)
+    model = build_model("alicnn", 10, width=0.25).eval()
+    e = ev.ModelEntry("m", "m.pt", model, {}, {}, "rl")
+    assert e.fast is not model
+    convs = [m for m in e.fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert all(p.is_contiguous() for p in model.parameters())  # the original is left as it was
+    x = torch.rand(5, 3, 32, 32, requires_grad=True)
+    torch.testing.assert_close(e.fast(x), model(x), rtol=1e-4, atol=1e-5)
+    g, = torch.autograd.grad(model(x).sum(), x)
+    g.view(5, -1)  # peers (torchattacks, AutoAttack) .view() input gradients: NCHW model, NCHW grads
