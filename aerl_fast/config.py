@@ -16,6 +16,7 @@ from aerl_fast.errors import ConfigError
 
 SCHEDULES = ("constant", "warmup-linear", "cosine")
 LOADERS = ("auto", "tensor", "dali")  # --loader; chosen by aerl_fast.data.backends.choose_loader
+DECODERS = ("auto", "pil", "dali")    # --decoder; chosen by aerl_fast.data.imagefolder.choose_decoder
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TrainConfig:
     data_dir: Optional[str] = None
     labels: str = "fine"
     image_size: int = 32
+    decoder: str = "auto"
     val_frac: float = 0.1
     split_seed: int = 42
     train_subset: int = 0
@@ -77,6 +79,7 @@ class TrainConfig:
             (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.explore in ("sample", "batch"), f"--explore must be sample or batch, got {self.explore!r}"),
             (self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}"),
+            (self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.labels in ("fine", "coarse"), f"--labels must be fine or coarse, got {self.labels!r}"),
             (self.pad_mode in ("zeros", "reflect", "replicate"), f"--pad-mode must be zeros, reflect or replicate, got {self.pad_mode!r}"),
@@ -117,6 +120,9 @@ HELP = {
     "data_dir": "folder holding the dataset (cifar-10-batches-py/ or cifar-10-python.tar.gz, ...), or the .npz file; default $AERL_FAST_DATA or ./data",
     "labels": "CIFAR-100 label set: fine (100 classes) or coarse (20)",
     "image_size": "side length images are resized to (image-folder ImageNet-100)",
+    "decoder": "image-folder decoder (decoded once, then cached): pil (Pillow threads), dali (NVIDIA DALI: nvJPEG "
+               "when --device is CUDA, its CPU decoder otherwise; pip install \"aerl_fast[dali]\"), or auto "
+               "(DALI when installed, else Pillow)",
     "val_frac": "fraction of the training set held out, stratified, for validation/best checkpoint",
     "split_seed": "seed of the stratified train/validation split (the study: 42)",
     "train_subset": "use only this many training images (stratified; 0 = all)",

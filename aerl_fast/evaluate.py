@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from aerl_fast import runtime
+from aerl_fast.config import DECODERS
 from aerl_fast.errors import UserError
 
 ATTACK_NAMES = ("fgsm", "pgd-linf", "pgd-l2", "autoattack")
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default results/eval-<time>)")
     p.add_argument("--data-dir", default=None,
                    help="dataset folder, overriding the one recorded in each run's config")
+    p.add_argument("--decoder", choices=DECODERS, default="auto",
+                   help="image-folder decoder, when the test split is not cached yet: pil (Pillow), dali "
+                        "(NVIDIA DALI; nvJPEG when --device is CUDA) or auto (DALI when installed)")
     p.add_argument("--transfer", action="store_true",
                    help="N x N transfer matrix (craft on A, evaluate on B), last-iterate PGD")
     p.add_argument("--transfer-eps", type=float, default=None,
@@ -245,11 +249,12 @@ def data_key(entry: ModelEntry, data_dir_override) -> tuple:
             int(cfg.get("seed", 0)) if name == "shapes" else 0)
 
 
-def load_test_set(key, n_test, device):
+def load_test_set(key, n_test, device, decoder: str = "auto"):
     from aerl_fast.data import load_dataset  # noqa: PLC0415
 
     name, data_dir, labels, image_size, seed = key
-    ds = load_dataset(name, data_dir, "test", labels=labels, image_size=image_size, seed=seed)
+    ds = load_dataset(name, data_dir, "test", labels=labels, image_size=image_size, seed=seed,
+                      decoder=decoder, decode_device=device)
     if len(ds.labels) == 0:
         raise UserError(f"empty dataset: the {name} test split holds no images")
     n = min(n_test, len(ds.labels))
@@ -363,7 +368,7 @@ def evaluate(args, log=print) -> dict:
     for e in entries:
         e.data_key = data_key(e, args.data_dir)
         if e.data_key not in data:
-            data[e.data_key] = load_test_set(e.data_key, args.n_test, device)
+            data[e.data_key] = load_test_set(e.data_key, args.n_test, device, getattr(args, "decoder", "auto"))
         classes = data[e.data_key][2]
         if len(classes) != e.spec["num_classes"]:
             raise UserError(f"{e.name}: the model has {e.spec['num_classes']} classes but its test set "

@@ -35,7 +35,7 @@ from aerl_fast.errors import CheckpointError, ConfigError, UserError
 from aerl_fast.objectives import ObjectiveConfig, train_step
 
 RESUMABLE_CHANGES = {"epochs", "device", "amp", "compile", "progress", "eval_batch_size",
-                     "checkpoint_minutes", "save_every", "overwrite", "out", "preset"}
+                     "checkpoint_minutes", "save_every", "overwrite", "out", "preset", "decoder"}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -43,7 +43,8 @@ RESUMABLE_CHANGES = {"epochs", "device", "amp", "compile", "progress", "eval_bat
 def prepare_data(cfg: TrainConfig):
     """(train, val, test) ImageSets after the stratified split, and the normalisation statistics."""
     from aerl_fast.data.base import ImageSet
-    kw = dict(labels=cfg.labels, image_size=cfg.image_size, download=cfg.download, seed=cfg.seed)
+    kw = dict(labels=cfg.labels, image_size=cfg.image_size, download=cfg.download, seed=cfg.seed,
+              decoder=cfg.decoder, decode_device=cfg.device)  # DALI decodes on the training device
     full = load_dataset(cfg.dataset, cfg.data_dir, "train", **kw)
     test = load_dataset(cfg.dataset, cfg.data_dir, "test", **kw)
     if len(full.labels) == 0 or len(test.labels) == 0:

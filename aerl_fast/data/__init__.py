@@ -26,11 +26,15 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(name: str, data_dir=None, split: str = "train", *, labels: str = "fine",
-                 image_size: int = 32, download: bool = False, seed: int = 0) -> ImageSet:
+                 image_size: int = 32, download: bool = False, seed: int = 0,
+                 decoder: str = "auto", decode_device=None) -> ImageSet:
     """One split ('train' or 'test') of a dataset as ImageSet(images uint8 [N,H,W,3], labels int64, classes).
 
     name: shapes (embedded, generated from `seed`) | cifar10 | cifar100 (labels fine|coarse) |
           imagenet100 (image-folder tree, or a pre-resized .npz) | npz (the study's .npz file).
+    decoder: how an image-folder tree is decoded: auto | pil | dali (aerl_fast.data.imagefolder);
+    decode_device: where DALI decodes it (None/"auto": CUDA when available, "cpu", "cuda[:N]").
+    Both are ignored by the other sources.
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -52,7 +56,8 @@ def load_dataset(name: str, data_dir=None, split: str = "train", *, labels: str 
                                  and len(list(root.glob("*.npz"))) == 1):
         return load_npz(root if root.suffix == ".npz" else next(root.glob("*.npz")), split)
     from .imagefolder import load_image_folder
-    return load_image_folder(root, split, size=image_size)
+    return load_image_folder(root, split, size=image_size, decoder=decoder,
+                             device=None if decode_device in (None, "auto") else decode_device)
 
 
 __all__ = ["CHANNEL_STATS", "DATASETS", "DatasetError", "ImageSet", "load_dataset", "stratified_split"]
