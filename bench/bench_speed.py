@@ -6,6 +6,9 @@ Groups (the first case of each group is its baseline; every case prints its rati
 bench_training._report, so both files share one ratio table):
 - speed loader: the study's per-image PIL DataLoader (baseline) against the tensor DeviceLoader and
   the DALI CPU pipeline (device_id=None); on a GPU also the tensor loader and DALI's GPU pipeline.
+- speed decode image folder: ImageNet-sized JPEGs (400x300) decoded and resized to 32 px once
+  (the image-folder source), Pillow threads (baseline) against DALI's CPU decoder and, on a GPU,
+  nvJPEG through DALI ("mixed").
 - trainer overhead: the bare step (forward, a cross-entropy loss, backward, fused AdamW) on the
   loader's batches, materialised beforehand (baseline), against `Trainer.train_epoch` over the same
   number of batches: loader, RL objective (aerl_fast.kernels), optimizer, scheduler and the
@@ -96,6 +99,52 @@ def test_loader_dali_gpu(benchmark):
     loader = DaliLoader(images, labels, 256, augment=Augment(), seed=0, device="cuda", channels_last=True,
                         num_threads=4)
     _time_loader(benchmark, loader, "DALI GPU pipeline", sync=torch.cuda.synchronize)
+
+
+# ------------------------------------------------------------------------------ image-folder decode
+
+DECODE = "speed decode image folder"
+DECODE_N = 400
+
+
+@pytest.fixture(scope="module")
+def jpeg_tree(tmp_path_factory):
+    """<root>/train/<class>/*.JPEG: DECODE_N CIFAR (or shapes) images upscaled to 400x300, quality 90,
+    the size and format of ImageNet files."""
+    from PIL import Image
+    images, labels = _images()
+    root = tmp_path_factory.mktemp("in100")
+    for i in range(DECODE_N):
+        d = root / "train" / f"n{int(labels[i]):08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).resize((400, 300), Image.BICUBIC).save(d / f"{i}.JPEG", quality=90)
+    return root
+
+
+def _time_decode(benchmark, root, name, baseline=False, **kw):
+    from aerl_fast.data.imagefolder import load_image_folder
+    threads = torch.get_num_threads()
+    run = lambda: load_image_folder(root, "train", size=32, cache=False, num_threads=threads, **kw)  # noqa: E731
+    assert run().images.shape == (DECODE_N, 32, 32, 3)  # warm-up (DALI's import and first pipeline)
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    _report(benchmark, DECODE, name, benchmark.stats.stats.min / DECODE_N, "image", baseline=baseline)
+    benchmark.extra_info["images_per_s"] = round(DECODE_N / benchmark.stats.stats.min)
+
+
+def test_decode_pil(benchmark, jpeg_tree):
+    _time_decode(benchmark, jpeg_tree, "Pillow threads (--decoder pil)", baseline=True, decoder="pil")
+
+
+@needs_dali
+def test_decode_dali_cpu(benchmark, jpeg_tree):
+    _time_decode(benchmark, jpeg_tree, "DALI CPU (--decoder dali, --device cpu)", decoder="dali", device="cpu")
+
+
+@needs_cuda
+@needs_dali
+def test_decode_dali_gpu(benchmark, jpeg_tree):
+    _time_decode(benchmark, jpeg_tree, "DALI mixed / nvJPEG (--decoder dali, --device cuda)", decoder="dali",
+                 device="cuda")
 
 
 # -------------------------------------------------------------------------------- trainer overhead
