@@ -344,12 +344,12 @@ def _safe(name: str) -> str:
 # ------------------------------------------------------------------------------------- evaluate
 
 def evaluate(args, log=print) -> dict:
-    from aerl_fast.runtime import resolve_device  # noqa: PLC0415
-
     try:
-        device = resolve_device(args.device)
+        device = runtime.resolve_device(args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if device.type == "cpu":
+        runtime.keep_freed_memory()  # attacks allocate the same buffers every step
     torch.manual_seed(args.seed)
     out = Path(args.out) if args.out else Path("results") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     specs: List[AttackSpec] = args.specs

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import functools
 import sys
 
@@ -82,6 +83,28 @@ def channels_last_batches(device: torch.device) -> bool:
     505-518 ms with NCHW input against 524-525 ms channels_last), while laying the batch out in the
     loader costs a strided copy that halves the loader's rate (185k -> 110-116k img/s)."""
     return device.type == "cuda"
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks (up to 32 MiB each) in the heap instead of returning
+    them to the OS, so every training step does not page-fault its activations and gradients in
+    afresh.  Measured on our CPU (1 thread, RL-adv step at batch 128, channels_last): cnn6 w0.25
+    1567 -> 1375 ms, alicnn 909 -> 860 ms; the cost is that the process keeps its peak memory.
+    Once per process; False (and nothing changed) where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all([mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1,   # the largest glibc allows
+                mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1,
+                mallopt(_M_TOP_PAD, 64 << 20) == 1])
 
 
 def should_compile(device: torch.device, requested) -> bool:

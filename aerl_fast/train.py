@@ -152,6 +152,8 @@ class Trainer:
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
         self.dist = dist = dist if dist is not None else DistContext()
         self.device = dist.device(cfg.device)
+        if self.device.type == "cpu":
+            runtime.keep_freed_memory()  # no page faults on every step's activations
         if dist.enabled and cfg.batch_size % dist.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
                               f"{dist.world_size} processes (equal shards keep the gradient the global-batch mean)")

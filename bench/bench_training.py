@@ -29,6 +29,9 @@ from aerl_fast.objectives import ObjectiveConfig, train_step
 if os.environ.get("BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 
+# as the Trainer does on the CPU; the study's loop, in the same process, gets it too
+runtime.keep_freed_memory()
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 _BASE = {}
 

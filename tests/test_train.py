@@ -193,3 +193,21 @@ def test_save_every_keeps_periodic_checkpoints(tmp_path):
     for k in last:
         assert torch.equal(last[k], second[k]), k
     assert any(not torch.equal(first[k], last[k]) for k in last)  # the epochs are distinct snapshots
+
+
+def test_keep_freed_memory_is_glibc_only_and_harmless_elsewhere(monkeypatch):
+    import ctypes
+    from aerl_fast import runtime
+    runtime.keep_freed_memory.cache_clear()
+    try:
+        import platform
+        if platform.libc_ver()[0] == "glibc":
+            assert runtime.keep_freed_memory() is True
+            runtime.keep_freed_memory.cache_clear()
+
+        def no_libc(*a, **k):
+            raise OSError("libc.so.6: cannot open shared object file")
+        monkeypatch.setattr(ctypes, "CDLL", no_libc)
+        assert runtime.keep_freed_memory() is False  # musl, macOS, ...: nothing changed, no error
+    finally:
+        runtime.keep_freed_memory.cache_clear()
