@@ -197,7 +197,15 @@ def _interleaved(fns, rounds):
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
-def _report(title, times, pairs, n_images):
+def _compare(benchmark, title, fns):
+    """The interleaved comparison is itself the benchmark (one round: its time is the whole
+    round-robin), so it runs under --benchmark-only; min/median per variant come back."""
+    benchmark.group = f"{title} (interleaved comparison)"
+    return benchmark.pedantic(_interleaved, args=(fns,), kwargs={"rounds": int(os.environ.get("BENCH_ROUNDS", "3"))},
+                              rounds=1, iterations=1)
+
+
+def _report(title, times, pairs, n_images, benchmark=None):
     print(f"\n{title}")
     for name, (tmin, tmed) in times.items():
         print(f"  {name:<34} min {tmin * 1e3:8.1f} ms  median {tmed * 1e3:8.1f} ms  "
@@ -208,6 +216,8 @@ def _report(title, times, pairs, n_images):
         r_med = times[slow][1] / times[fast][1]
         ratios[f"{fast} vs {slow}"] = (r_min, r_med)
         print(f"  speed-up {fast} vs {slow}: {r_min:.2f}x (min), {r_med:.2f}x (median)")
+    if benchmark is not None:
+        benchmark.extra_info.update({f"{k} (min, median)": [round(a, 3), round(b, 3)] for k, (a, b) in ratios.items()})
     return ratios
 
 
@@ -237,20 +247,20 @@ def test_study_style_loop(benchmark, wide):
     benchmark.pedantic(study_style_pgd_l2, args=(model, x, y), rounds=3, iterations=1)
 
 
-def test_ratio_no_early_stop(wide):
+def test_ratio_no_early_stop(benchmark, wide):
     model, x, y = wide
     atk = torchattacks.PGDL2(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)
-    times = _interleaved({
+    times = _compare(benchmark, GROUP, {
         "ours (clamp)": lambda: ours_last(model, x, y),
         "torchattacks PGDL2": lambda: atk(x, y),
         "ours (no clamp)": lambda: ours_last(model, x, y, clamp=False),
         "ours (no clamp) + statistics": lambda: ours_with_stats(model, x, y),
         "study-style loop + statistics": lambda: study_style_pgd_l2(model, x, y),
-    }, rounds=int(os.environ.get("BENCH_ROUNDS", "3")))
+    })
     ratios = _report(GROUP, times, [("ours (clamp)", "torchattacks PGDL2"),
                                     ("ours (no clamp)", "study-style loop + statistics"),
                                     ("ours (no clamp) + statistics", "study-style loop + statistics")],
-                     B)
+                     B, benchmark)
     assert all(p.requires_grad for p in laid_out(model).parameters())  # our attack restored them
     if STRICT:
         assert ratios["ours (clamp) vs torchattacks PGDL2"][0] >= 1.0
@@ -274,7 +284,7 @@ def test_torchattacks_last_iterate(benchmark, trained):
     benchmark.pedantic(atk, args=(x, y), rounds=2, iterations=1)
 
 
-def test_ratio_early_stop(trained):
+def test_ratio_early_stop(benchmark, trained):
     label, model, x, y = trained
     atk = torchattacks.PGDL2(model, eps=EPS, alpha=ALPHA, steps=ES_STEPS, random_start=True)
     out = {}
@@ -286,9 +296,8 @@ def test_ratio_early_stop(trained):
     def theirs():
         out["theirs"] = atk(x, y)
 
-    times = _interleaved({"ours early stop": ours, "torchattacks PGDL2": theirs},
-                         rounds=int(os.environ.get("BENCH_ROUNDS", "3")))
-    ratios = _report(f"{ES_GROUP}, SL {label}", times, [("ours early stop", "torchattacks PGDL2")], B)
+    times = _compare(benchmark, f"{ES_GROUP}, SL {label}", {"ours early stop": ours, "torchattacks PGDL2": theirs})
+    ratios = _report(f"{ES_GROUP}, SL {label}", times, [("ours early stop", "torchattacks PGDL2")], B, benchmark)
     with torch.no_grad():
         clean = model(x).argmax(1) == y
     acc_ours = float((clean & ~out["ours"].fooled).double().mean())
@@ -303,15 +312,16 @@ def test_ratio_early_stop(trained):
 
 # -------------------------------------------------------------------- statistics overhead
 
-def test_ratio_tracking_overhead(wide):
+def test_ratio_tracking_overhead(benchmark, wide):
     model, x, y = wide
-    times = _interleaved({
+    times = _compare(benchmark, TRACK_GROUP, {
         "ours": lambda: ours_last(model, x, y),
         "ours + GradStatsTracker": lambda: ours_last(model, x, y, tracker=GradStatsTracker()),
-    }, rounds=int(os.environ.get("BENCH_ROUNDS", "3")))
+    })
     _report(TRACK_GROUP, times, [], B)
     over_min = times["ours + GradStatsTracker"][0] / times["ours"][0] - 1
     over_med = times["ours + GradStatsTracker"][1] / times["ours"][1] - 1
     print(f"  overhead of the statistics: {over_min:+.1%} (min), {over_med:+.1%} (median)")
+    benchmark.extra_info["statistics overhead (min, median)"] = [round(over_min, 4), round(over_med, 4)]
     if STRICT:
         assert over_min <= 0.10

@@ -294,17 +294,23 @@ def count_bytes_per_row(step, B, C, dtype):
     return c.bytes / B, c.ops
 
 
-def test_bytes_per_row_table():
-    """Not a timing: prints bytes moved per row by each version (fwd+bwd) — the number a
+def test_bytes_per_row_table(benchmark):
+    """A count, not a timing: prints bytes moved per row by each version (fwd+bwd) — the number a
     bandwidth-bound GPU run scales with.  The fused op's backward is counted as reading the
-    logits of every row; on the device it skips rows with zero reward."""
+    logits of every row; on the device it skips rows with zero reward.  (The benchmark fixture
+    times the counting, once, so the table is part of a --benchmark-only run.)"""
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for C in (10, 100, 1000, 32768):
-            B = 64
-            res = {n: count_bytes_per_row(f, B, C, dtype) for n, f in
-                   (("study", study_step), ("reference", reference_step), ("fused", fused_step))}
-            rows.append((str(dtype).split(".")[1], C, res))
+
+    def count():
+        for dtype in (torch.float32, torch.bfloat16):
+            for C in (10, 100, 1000, 32768):
+                B = 64
+                res = {n: count_bytes_per_row(f, B, C, dtype) for n, f in
+                       (("study", study_step), ("reference", reference_step), ("fused", fused_step))}
+                rows.append((str(dtype).split(".")[1], C, res))
+    benchmark.group = "bytes moved per row (a count)"
+    benchmark.pedantic(count, rounds=1, iterations=1)
+    benchmark.extra_info["bytes_per_row"] = {f"{dt} C={C}": {k: round(v[0]) for k, v in r.items()} for dt, C, r in rows}
     print("\n dtype      C | study B/row (ops) | reference B/row (ops) | fused B/row (ops) | "
           "study/fused")
     for dt, C, r in rows:
@@ -315,21 +321,26 @@ def test_bytes_per_row_table():
         assert r["fused"][0] < r["reference"][0] and r["fused"][0] < r["study"][0]
 
 
-def test_pgd_bytes_per_sample_table():
-    """Not a timing: bytes moved per sample by one PGD update, [3, 32, 32] fp32 images."""
+def test_pgd_bytes_per_sample_table(benchmark):
+    """A count, not a timing: bytes moved per sample by one PGD update, [3, 32, 32] fp32 images."""
     g = torch.Generator().manual_seed(0)
     B = 16
     x0 = torch.rand(B, 3, 32, 32, generator=g)
     grad = torch.randn(B, 3, 32, 32, generator=g)
     res = {}
-    for norm in ("linf", "l2"):
-        eps = 8 / 255 if norm == "linf" else 1.0
-        for name, fn in (("torchattacks-style", torchattacks_style), ("reference", _reference_pgd),
-                         ("fused", _fused_pgd)):
-            x_adv = x0.clone()
-            with _ByteCounter() as c:
-                fn(x_adv, x0, grad, eps / 4, eps, norm)
-            res[norm, name] = (c.bytes / B, c.ops)
+
+    def count():
+        for norm in ("linf", "l2"):
+            eps = 8 / 255 if norm == "linf" else 1.0
+            for name, fn in (("torchattacks-style", torchattacks_style), ("reference", _reference_pgd),
+                             ("fused", _fused_pgd)):
+                x_adv = x0.clone()
+                with _ByteCounter() as c:
+                    fn(x_adv, x0, grad, eps / 4, eps, norm)
+                res[norm, name] = (c.bytes / B, c.ops)
+    benchmark.group = "PGD bytes moved per sample (a count)"
+    benchmark.pedantic(count, rounds=1, iterations=1)
+    benchmark.extra_info["bytes_per_sample"] = {f"{n} {k}": round(v[0]) for (n, k), v in res.items()}
     n_bytes = 3 * 32 * 32 * 4
     print(f"\n PGD bytes/sample in images of {n_bytes} B (the fused L2 kernel reads its three "
           "inputs twice: 7 on the device, not the 4 counted at the op boundary):")
