@@ -2,8 +2,7 @@
 
 Run (CPU):  python -m pytest bench/bench_attacks.py -s [--benchmark-json=out.json]
             (-s shows the interleaved ratios; BENCH_RUNS_DIR keeps the trained models between runs)
-Threads:    BENCH_THREADS (default 1: on the shared 2-core machine a second OpenMP thread that waits
-            on a busy core made training steps ~10x slower; 1 thread gives stable ratios).
+Threads:    BENCH_THREADS (default 1; set for the whole session in bench/conftest.py).
 Strict:     BENCH_STRICT=1 turns the issue's targets into assertions (ratios on a shared machine
             are noisy, so by default they are only printed).
 
@@ -37,7 +36,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import aerl_fast  # noqa: E402

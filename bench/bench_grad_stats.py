@@ -1,9 +1,7 @@
 """pytest-benchmark: per-step gradient statistics, the compiled op against torch, and their cost in PGD.
 
 Run (CPU):  python -m pytest bench/bench_grad_stats.py --benchmark-only [--benchmark-json=out.json]
-Threads:    BENCH_THREADS=1 (default: torch's setting). On a shared 2-core machine 1 thread gives
-            stable numbers; with 2 threads every parallel op (torch's and ours) stalls when the other
-            core is busy.
+Threads:    BENCH_THREADS (default 1; set for the whole session in bench/conftest.py).
 Optional:   BENCH_COMPILE=1 adds a torch.compile (inductor) version of the vectorised torch code
             (about 30-60 s of compile time on this CPU).
 
@@ -28,8 +26,6 @@ import torch.nn.functional as F
 
 from aerl_fast.analysis import GradStatsTracker, grad_stats_backend
 
-if os.environ.get("BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 
 B, D = 256, 3072
 GROUP = f"grad_stats B={B} D={D} threads={torch.get_num_threads()}"

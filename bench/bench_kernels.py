@@ -13,7 +13,6 @@ On a CPU the public ops run the torch reference (that is what `aerl_fast.kernels
 reports); the Triton cases need a CUDA device and skip here.  Under TRITON_INTERPRET=1 the CPU
 "dispatch" cases skip too: the interpreter is a correctness tool, not something to time.
 """
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ from aerl_fast.kernels.pg_loss import eps_greedy_pg_loss_fused  # noqa: E402
 
 PM = sys.modules["aerl_fast.kernels.pgd_step"]  # the module; K.pgd_step is the function
 
-torch.set_num_threads(int(os.environ.get("AERL_BENCH_THREADS", "1")))  # shared 2-core machine
 
 EPS, FLOOR = 0.1, 1e-6  # the study's exploration rate and probability floor
 CPU_SHAPES = [(256, 10), (256, 100), (256, 1000)]

@@ -1,6 +1,6 @@
 """pytest-benchmark: loaders with DALI, the trainer's overhead, and the GPU-only fast paths.
 
-    BENCH_THREADS=1 python -m pytest bench/bench_speed.py --benchmark-only -s
+    python -m pytest bench/bench_speed.py --benchmark-only -s     (BENCH_THREADS: bench/conftest.py)
 
 Groups (the first case of each group is its baseline; every case prints its ratio to it, through
 bench_training._report, so both files share one ratio table):
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import _images, _report, study_pil_loader  # noqa: E402  (sets BENCH_THREADS)
+from bench_training import _images, _report, study_pil_loader  # noqa: E402
 
 from aerl_fast import runtime  # noqa: E402
 from aerl_fast.data.dali import dali_available  # noqa: E402

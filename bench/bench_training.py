@@ -26,8 +26,6 @@ from aerl_fast import runtime
 from aerl_fast.models import build_model
 from aerl_fast.objectives import ObjectiveConfig, train_step
 
-if os.environ.get("BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 
 # as the Trainer does on the CPU; the study's loop, in the same process, gets it too
 runtime.keep_freed_memory()
