@@ -27,9 +27,6 @@ from aerl_fast.models import build_model
 from aerl_fast.objectives import ObjectiveConfig, train_step
 
 
-# as the Trainer does on the CPU; the study's loop, in the same process, gets it too
-runtime.keep_freed_memory()
-
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 _BASE = {}
 
