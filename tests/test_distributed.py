@@ -174,6 +174,15 @@ def _equivalence_job(run_dir: str):
         assert not torch.equal(states[0], states[1])
         assert torch.equal(states[0], torch.Generator().manual_seed(cfg.seed + 7919).get_state())
 
+        # count the gradient all-reduces: the adversarial step must make one per step, not two
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        reduces = []
+
+        def counting_hook(state, bucket):
+            reduces.append(bucket.index())
+            return allreduce_hook(state, bucket)
+        tr.forward_model.register_comm_hook(None, counting_hook)
+
         ref = copy.deepcopy(tr.model)
         fused = {"fused": True} if runtime.fused_adamw_supported(tr.device) else {}
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
@@ -196,6 +205,7 @@ def _equivalence_job(run_dir: str):
             if steps == 4:
                 break
         assert steps == 4
+        assert reduces.count(0) == steps, f"{reduces.count(0)} all-reduces of bucket 0 in {steps} steps"
         assert worst_grad < 1e-4, f"gradient differs from the global-batch gradient: {worst_grad}"
         assert worst_w < 1e-4 * cfg.lr * 100, f"weights differ from the single-process run: {worst_w}"
 
