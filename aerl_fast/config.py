@@ -77,17 +77,12 @@ class TrainConfig:
             (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}"),
             (self.model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {self.model!r}"),
             (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
-            (self.explore in ("sample", "batch"), f"--explore must be sample or batch, got {self.explore!r}"),
             (self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}"),
             (self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.labels in ("fine", "coarse"), f"--labels must be fine or coarse, got {self.labels!r}"),
             (self.pad_mode in ("zeros", "reflect", "replicate"), f"--pad-mode must be zeros, reflect or replicate, got {self.pad_mode!r}"),
             (self.width > 0, f"--width must be > 0, got {self.width}"),
-            (0.0 <= self.explore_eps <= 1.0, f"--explore-eps must be in [0, 1], got {self.explore_eps}"),
-            (0.0 <= self.prob_floor < 1.0, f"--prob-floor must be in [0, 1), got {self.prob_floor}"),
-            (self.adv_eps >= 0, f"--adv-eps must be >= 0, got {self.adv_eps}"),
-            (self.adv_beta >= 0, f"--adv-beta must be >= 0, got {self.adv_beta}"),
             (self.adv_start_epoch >= 0, f"--adv-start-epoch must be >= 0, got {self.adv_start_epoch}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -107,7 +102,17 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        try:  # the objective's own ranges, checked in one place (ObjectiveConfig)
+            self.objective_config()
+        except ValueError as exc:  # "adv_eps must be >= 0, ..." -> "--adv-eps must be >= 0, ..."
+            field, _, rest = str(exc).partition(" ")
+            raise ConfigError(f"--{field.replace('_', '-')} {rest}") from None
         return self
+
+    def objective_config(self):
+        from aerl_fast.objectives import ObjectiveConfig
+        return ObjectiveConfig(self.objective, self.explore_eps, self.explore, self.prob_floor,
+                               self.adv_eps, self.adv_beta)
 
     def to_json(self) -> dict:
         return asdict(self)

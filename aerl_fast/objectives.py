@@ -34,6 +34,7 @@ class ObjectiveConfig:
     adv_beta: float = 1.0            # weight of the adversarial term
 
     def __post_init__(self):
+        # each range message starts with the field's name: TrainConfig.validate turns it into the flag
         if self.kind not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.kind!r}; choose one of {', '.join(OBJECTIVES)}")
         if not 0.0 <= self.explore_eps <= 1.0:

@@ -32,7 +32,7 @@ from aerl_fast.data.backends import make_loader
 from aerl_fast.data.loader import DeviceLoader
 from aerl_fast.distributed import DistContext
 from aerl_fast.errors import CheckpointError, ConfigError, UserError
-from aerl_fast.objectives import ObjectiveConfig, train_step
+from aerl_fast.objectives import train_step
 
 RESUMABLE_CHANGES = {"epochs", "device", "amp", "compile", "progress", "eval_batch_size",
                      "checkpoint_minutes", "save_every", "overwrite", "out", "preset", "decoder"}
@@ -204,8 +204,7 @@ class Trainer:
                                            **({"fused": True} if fused else {}))
         steps = len(self.loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s, steps))
-        self.objective = ObjectiveConfig(cfg.objective, cfg.explore_eps, cfg.explore, cfg.prob_floor,
-                                         cfg.adv_eps, cfg.adv_beta)
+        self.objective = cfg.objective_config()
         self.explore_gen = torch.Generator(device=self.device)
         self.explore_gen.manual_seed(cfg.seed + 7919 + dist.rank * distmod.RANK_PRIME)  # per-rank ε-greedy draws
         self.epoch, self.step, self.best_val = 0, 0, -1.0
