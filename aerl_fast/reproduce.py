@@ -44,6 +44,7 @@ import math
 import os
 import shlex
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -296,19 +297,60 @@ def cell_done(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
+@contextmanager
+def cell_lock(runs: Path, name: str, wait: bool):
+    """An advisory lock on one cell (flock on runs/.<cell>.lock), so that two reproduce processes
+    sharing a folder never train the same cell at once; yields False when another process holds it
+    and `wait` is off.  The kernel drops the lock when its holder dies, so a killed run never leaves
+    a stale lock.  Without fcntl (not POSIX) it always yields True."""
+    try:
+        import fcntl  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - Windows
+        yield True
+        return
+    with open(runs / f".{name}.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def train_cells(cells: List[Cell], runs: Path, log):
+    """Train every unfinished cell; cells another process is training are left to it, then waited for
+    (and finished here if that process died before it was done)."""
     from aerl_fast import train  # noqa: PLC0415
 
-    for i, c in enumerate(cells, 1):
+    def train_one(i, c):
         run_dir = runs / c.name
-        if cell_done(run_dir):
+        if cell_done(run_dir):  # (again: another process may have finished it meanwhile)
             log(f"[{i}/{len(cells)}] {c.name}: done, skipped")
-            continue
+            return
         argv = train_argv(c, run_dir)
         log(f"[{i}/{len(cells)}] {c.name}: python -m aerl_fast.train {shlex.join(argv)}")
         train.main(argv)
         if not cell_done(run_dir):
             raise UserError(f"{c.name}: training finished without {run_dir / 'summary.json'}")
+
+    busy = []
+    for i, c in enumerate(cells, 1):
+        if cell_done(runs / c.name):
+            log(f"[{i}/{len(cells)}] {c.name}: done, skipped")
+            continue
+        with cell_lock(runs, c.name, wait=False) as mine:
+            if mine:
+                train_one(i, c)
+            else:
+                log(f"[{i}/{len(cells)}] {c.name}: another process is training it; coming back to it last")
+                busy.append((i, c))
+    for i, c in busy:
+        log(f"[{i}/{len(cells)}] {c.name}: waiting for the other process")
+        with cell_lock(runs, c.name, wait=True):
+            train_one(i, c)
 
 
 # ------------------------------------------------------------------------------------ evaluation

@@ -4,6 +4,7 @@ import os
 import shlex
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -306,3 +307,42 @@ def test_accuracy_over_epochs_is_cached(with_curves, tmp_path, monkeypatch):
         == json.loads(before)["checkpoints"] | {
             f"runs/{CELLS[0]}/epoch_0001.pt": json.loads(before)["checkpoints"][f"runs/{CELLS[0]}/epoch_0001.pt"]
             | {"mtime_ns": ckpt.stat().st_mtime_ns}}
+
+
+@pytest.mark.parametrize("other_finishes", [True, False])
+def test_a_cell_another_process_trains_is_left_to_it_then_waited_for(tmp_path, monkeypatch, other_finishes):
+    """Two reproduce processes on one folder: a locked cell is skipped, the others are trained, then
+    the locked one is waited for — and trained here if its holder died without finishing it."""
+    import fcntl
+    import threading
+    cells = reproduce.build_cells(reproduce.load_matrix(micro_preset(tmp_path)), None)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    trained = []
+
+    def fake_train(argv):
+        run_dir = Path(argv[argv.index("--out") + 1] if "--out" in argv else argv[argv.index("--resume") + 1])
+        trained.append(run_dir.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text("{}")
+    monkeypatch.setattr(train, "main", fake_train)
+
+    held = open(runs / f".{cells[0].name}.lock", "a")  # "the other process": its own open file
+    fcntl.flock(held, fcntl.LOCK_EX)
+    logs = []
+
+    def other_process_ends():
+        if other_finishes:
+            (runs / cells[0].name).mkdir()
+            (runs / cells[0].name / "summary.json").write_text("{}")
+        fcntl.flock(held, fcntl.LOCK_UN)
+        held.close()
+    timer = threading.Timer(1.0, other_process_ends)
+    timer.start()
+    try:
+        reproduce.train_cells(cells, runs, logs.append)
+    finally:
+        timer.join()
+    assert trained == [c.name for c in cells[1:]] + ([] if other_finishes else [cells[0].name])
+    assert any("another process is training it" in m for m in logs)
+    assert all((runs / c.name / "summary.json").is_file() for c in cells)
