@@ -123,6 +123,22 @@ class DistContext:
             raise error
         return result
 
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0, then on the other ranks: what rank 0 caches on disk (an image folder
+        decoded once) the others then read instead of redoing.  A UserError on rank 0 stops every rank."""
+        if not self.enabled:
+            return fn()
+        result = error = None
+        if self.is_main:
+            try:
+                result = fn()
+            except UserError as exc:
+                error = exc
+        error = self.broadcast_object(error)  # also the barrier: the others start after rank 0
+        if error is not None:
+            raise error
+        return result if self.is_main else fn()
+
     def broadcast_module(self, module: torch.nn.Module, buffers_only: bool = False):
         """Copy rank 0's parameters and buffers (or only buffers, e.g. BatchNorm running statistics)
         into every rank's `module`, in place."""

@@ -158,7 +158,8 @@ class Trainer:
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
                               f"{dist.world_size} processes (equal shards keep the gradient the global-batch mean)")
         torch.manual_seed(cfg.seed)  # initialisation and dropout; data and exploration have their own streams
-        train, val, test, (mean, std) = prepare_data(cfg)
+        # rank 0 first: an image folder is decoded (and cached) once, not once per process
+        train, val, test, (mean, std) = dist.main_first(lambda: prepare_data(cfg))
         self.val, self.test = val, test
         self.classes = train.classes
         self.spec = dict(name=cfg.model, width=cfg.width, num_classes=len(train.classes), mean=mean,

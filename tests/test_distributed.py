@@ -105,6 +105,19 @@ def test_two_ranks_step_equals_single_process_global_batch(tmp_path):
     assert "equivalence ok" in r.stdout, r.stdout + r.stderr
 
 
+def test_an_image_folder_is_decoded_by_rank_0_and_read_from_its_cache_by_the_others(tmp_path):
+    from PIL import Image
+    rng = torch.Generator().manual_seed(0)
+    for c in range(2):
+        d = tmp_path / "tree" / "train" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(torch.randint(0, 256, (13 + i, 17, 3), generator=rng, dtype=torch.uint8).numpy()
+                            ).save(d / f"{i}.png")
+    r = torchrun(__file__, "main_first", str(tmp_path / "tree"))
+    assert "main_first ok" in r.stdout, r.stdout + r.stderr
+
+
 def test_resume_of_a_distributed_run_reproduces_the_uninterrupted_run(rl_run, tmp_path):
     ref, _ = rl_run
     out = tmp_path / "resumed"
@@ -227,6 +240,27 @@ def _equivalence_job(run_dir: str):
         distributed.shutdown(dist)
 
 
+def _main_first_job(root: str):
+    import aerl_fast.data.imagefolder as imf
+    from aerl_fast import distributed
+
+    dist = distributed.init()
+    try:
+        decodes = []
+        real = imf._decode_pil
+        imf._decode_pil = lambda *a, **k: decodes.append(dist.rank) or real(*a, **k)
+        ds = dist.main_first(lambda: imf.load_image_folder(root, "train", size=8, decoder="pil"))
+        assert dist.all_gather_object(len(decodes)) == [1, 0], "rank 1 decoded instead of reading rank 0's cache"
+        images = dist.all_gather_object(ds.images)
+        assert images[0].shape == (6, 8, 8, 3) and (images[0] == images[1]).all()
+        if dist.is_main:
+            print("main_first ok", flush=True)
+    finally:
+        distributed.shutdown(dist)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "equivalence":
         _equivalence_job(sys.argv[2])
+    elif sys.argv[1] == "main_first":
+        _main_first_job(sys.argv[2])
