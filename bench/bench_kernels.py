@@ -5,8 +5,8 @@
                                                                the bytes-per-row table)
 
 Every group has a baseline measured in the same run (the study's formulation for the loss, a
-torchattacks-style update for PGD); each other case stores `vs_baseline` = its time / the
-baseline's (medians) in `benchmark.extra_info` and prints it.  The baselines are imported from
+torchattacks-style update for PGD); each other case stores its speed-up (baseline median / its
+median, > 1: faster) in `benchmark.extra_info` and prints it (bench/baselines.py).  The baselines are imported from
 tests/kernels/kernel_refs.py, so the tests and the benchmarks time and check the same code.
 
 On a CPU the public ops run the torch reference (that is what `aerl_fast.kernels.backend()`
@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "kernels"))
 
+from baselines import record  # noqa: E402
 from kernel_refs import study_pg_loss  # noqa: E402
 
 import aerl_fast.kernels as K  # noqa: E402
@@ -42,7 +43,6 @@ cpu_dispatch_is_reference = pytest.mark.skipif(
     K.backend("cpu") != "reference",
     reason="TRITON_INTERPRET=1: CPU tensors would go through the Triton interpreter")
 
-_BASELINE = {}  # group → median seconds of its baseline, filled by the baseline case
 
 
 def _inputs(B, C, device="cpu", dtype=torch.float32):
@@ -70,7 +70,8 @@ def _median_seconds(fn, device, reps=21):
 
 
 def _run(benchmark, group, name, fn, device="cpu", baseline=False):
-    """Benchmark `fn`, then record and print its time relative to the group's baseline."""
+    """Benchmark `fn`, then record and print its speed-up against the group's baseline (medians:
+    a shared machine adds long outliers); a deselected baseline is timed here (`_BASELINE_FN`)."""
     benchmark.group = group
 
     def call():
@@ -78,17 +79,8 @@ def _run(benchmark, group, name, fn, device="cpu", baseline=False):
         _sync(device)
 
     benchmark(call)
-    t = benchmark.stats.stats.median  # the median: a shared machine adds long outliers
-    if baseline:
-        _BASELINE[group] = t
-        ratio = 1.0
-    else:
-        if group not in _BASELINE:  # baseline deselected (-k): time it here, same process
-            _BASELINE[group] = _median_seconds(_BASELINE_FN[group], device)
-        ratio = t / _BASELINE[group]
-    benchmark.extra_info["vs_baseline"] = round(ratio, 3)
-    benchmark.extra_info["median_us"] = round(t * 1e6, 1)
-    print(f"\n[{group}] {name}: median {t * 1e6:9.1f} us = {ratio:5.2f}x the baseline")
+    record(benchmark, group, name, benchmark.stats.stats.median, "call", baseline=baseline,
+           fallback=lambda: _median_seconds(_BASELINE_FN[group], device))
 
 
 _BASELINE_FN = {}

@@ -3,7 +3,7 @@
     python -m pytest bench/bench_speed.py --benchmark-only -s     (BENCH_THREADS: bench/conftest.py)
 
 Groups (the first case of each group is its baseline; every case prints its ratio to it, through
-bench_training._report, so both files share one ratio table):
+bench/baselines.py, the one bookkeeping every bench file uses):
 - speed loader: the study's per-image PIL DataLoader (baseline) against the tensor DeviceLoader and
   the DALI CPU pipeline (device_id=None); on a GPU also the tensor loader and DALI's GPU pipeline.
 - speed decode image folder: ImageNet-sized JPEGs (400x300) decoded and resized to 32 px once
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import _images, _report, study_pil_loader  # noqa: E402
+from baselines import baseline_of, record  # noqa: E402
+from bench_training import _images, study_pil_loader  # noqa: E402
 
 from aerl_fast import runtime  # noqa: E402
 from aerl_fast.data.dali import dali_available  # noqa: E402
@@ -51,7 +52,7 @@ def _time_loader(benchmark, loader, name, sync=None, rounds=5):
         if sync:
             sync()
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
-    _report(benchmark, LOADER, name, benchmark.stats.stats.min / n, "image")
+    record(benchmark, LOADER, name, benchmark.stats.stats.min / n, "image")
     benchmark.extra_info["images_per_s"] = round(n / benchmark.stats.stats.min)
 
 
@@ -66,7 +67,7 @@ def test_loader_study_pil(benchmark):
         for _ in loader:
             pass
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
-    _report(benchmark, LOADER, "study PIL DataLoader", benchmark.stats.stats.min / n, "image", baseline=True)
+    record(benchmark, LOADER, "study PIL DataLoader", benchmark.stats.stats.min / n, "image", baseline=True)
     benchmark.extra_info["images_per_s"] = round(n / benchmark.stats.stats.min)
 
 
@@ -127,7 +128,7 @@ def _time_decode(benchmark, root, name, baseline=False, **kw):
     run = lambda: load_image_folder(root, "train", size=32, cache=False, num_threads=threads, **kw)  # noqa: E731
     assert run().images.shape == (DECODE_N, 32, 32, 3)  # warm-up (DALI's import and first pipeline)
     benchmark.pedantic(run, rounds=3, iterations=1)
-    _report(benchmark, DECODE, name, benchmark.stats.stats.min / DECODE_N, "image", baseline=baseline)
+    record(benchmark, DECODE, name, benchmark.stats.stats.min / DECODE_N, "image", baseline=baseline)
     benchmark.extra_info["images_per_s"] = round(DECODE_N / benchmark.stats.stats.min)
 
 
@@ -188,13 +189,12 @@ def test_overhead_bare_step(benchmark, overhead_setup):
             F.cross_entropy(model(x), y).backward()
             opt.step()
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    _report(benchmark, OVERHEAD, f"bare forward+backward+AdamW ({STEPS} batches of {BATCH}, alicnn w0.5)",
+    record(benchmark, OVERHEAD, f"bare forward+backward+AdamW ({STEPS} batches of {BATCH}, alicnn w0.5)",
             benchmark.stats.stats.min / STEPS, "step", baseline=True)
 
 
 def test_overhead_trainer_epoch(benchmark, overhead_setup):
     from aerl_fast.train import _bar_factory
-    from bench_training import _BASE
     trainer = overhead_setup[0]
     bars = _bar_factory(False)
 
@@ -204,8 +204,8 @@ def test_overhead_trainer_epoch(benchmark, overhead_setup):
         trainer.train_epoch(bars)
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
     per_step = benchmark.stats.stats.min / STEPS
-    _report(benchmark, OVERHEAD, "Trainer.train_epoch (loader + RL objective + AdamW + bookkeeping)", per_step, "step")
-    base = _BASE.get(OVERHEAD)
+    record(benchmark, OVERHEAD, "Trainer.train_epoch (loader + RL objective + AdamW + bookkeeping)", per_step, "step")
+    base = baseline_of(OVERHEAD)
     if base:
         ratio = per_step / base
         benchmark.extra_info["overhead_ratio"] = round(ratio, 3)
@@ -245,7 +245,7 @@ def test_step_cuda_cnn6(benchmark, variant):
     run()  # compiles
     benchmark.extra_info["first_run_s"] = round(time.perf_counter() - t0, 2)
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    _report(benchmark, "step cuda cnn6 w1 b256", variant, benchmark.stats.stats.min / 20, "step",
+    record(benchmark, "step cuda cnn6 w1 b256", variant, benchmark.stats.stats.min / 20, "step",
             baseline=variant == "eager fp32")
     benchmark.extra_info["images_per_s"] = round(256 * 20 / benchmark.stats.stats.min)
 

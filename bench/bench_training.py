@@ -23,23 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from aerl_fast import runtime
+from baselines import baseline_of, record, set_baseline
 from aerl_fast.models import build_model
 from aerl_fast.objectives import ObjectiveConfig, train_step
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-_BASE = {}
-
-
-def _report(benchmark, group, name, seconds_per_unit, unit, baseline=False):
-    """Store/print the ratio to the group's baseline (ratio > 1: faster than the baseline)."""
-    if baseline:
-        _BASE[group] = seconds_per_unit
-    base = _BASE.get(group)
-    speedup = base / seconds_per_unit if base else float("nan")
-    benchmark.extra_info.update({"per_" + unit + "_ms": round(seconds_per_unit * 1e3, 4),
-                                 "speedup_vs_baseline": round(speedup, 3)})
-    print(f"\n[{group}] {name}: {seconds_per_unit * 1e3:.3f} ms/{unit}  speedup vs baseline {speedup:.2f}x")
 
 
 def _images():
@@ -142,11 +131,11 @@ def test_step(benchmark, model_name, width, batch, rounds, case):
     update(model, opt, x, y)  # warm-up
     benchmark.pedantic(lambda: update(model, opt, x, y), rounds=rounds, iterations=1, warmup_rounds=1)
     group = f"step {model_name} w{width} b{batch}"
-    _report(benchmark, group, name, benchmark.stats.stats.median, "step", baseline=baseline)
-    if name.startswith("study rl-adv"):
-        _BASE[group + " rl-adv"] = benchmark.stats.stats.median
-    if name == "ours rl-adv":
-        base = _BASE.get(group + " rl-adv")
+    record(benchmark, group, name, benchmark.stats.stats.median, "step", baseline=baseline)
+    if name == "ours rl-adv":  # also against the study's RL-adv update, run earlier in the group
+        base = baseline_of(group + " rl-adv")
         if base:
             benchmark.extra_info["speedup_vs_study_rl_adv"] = round(base / benchmark.stats.stats.median, 3)
             print(f"[{group}] ours rl-adv vs study rl-adv: {base / benchmark.stats.stats.median:.2f}x")
+    elif name == "study rl-adv":
+        set_baseline(group + " rl-adv", benchmark.stats.stats.median)
