@@ -107,36 +107,33 @@ class DistContext:
         tdist.broadcast(t, src=0)
         return bool(t.item())
 
-    def on_main(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on rank 0 only and hand its result to every rank; a UserError raised by rank 0 is
-        raised on every rank (so all ranks stop together, with the same message)."""
-        if not self.enabled:
-            return fn()
+    def _rank0_then_all(self, fn: Callable[[], Any], share: bool) -> Any:
+        """fn() on rank 0 only, then a broadcast every rank waits for (so also a barrier): rank 0's
+        result (if `share`), or the UserError rank 0 raised, raised on every rank."""
         result = error = None
         if self.is_main:
             try:
                 result = fn()
             except UserError as exc:
                 error = exc
-        result, error = self.broadcast_object((result, error))
+        sent, error = self.broadcast_object((result if share else None, error))
         if error is not None:
             raise error
-        return result
+        return result if self.is_main else sent
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0 only and hand its result to every rank; a UserError raised by rank 0 is
+        raised on every rank (so all ranks stop together, with the same message)."""
+        if not self.enabled:
+            return fn()
+        return self._rank0_then_all(fn, share=True)
 
     def main_first(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on rank 0, then on the other ranks: what rank 0 caches on disk (an image folder
         decoded once) the others then read instead of redoing.  A UserError on rank 0 stops every rank."""
         if not self.enabled:
             return fn()
-        result = error = None
-        if self.is_main:
-            try:
-                result = fn()
-            except UserError as exc:
-                error = exc
-        error = self.broadcast_object(error)  # also the barrier: the others start after rank 0
-        if error is not None:
-            raise error
+        result = self._rank0_then_all(fn, share=False)
         return result if self.is_main else fn()
 
     def broadcast_module(self, module: torch.nn.Module, buffers_only: bool = False):
