@@ -38,6 +38,23 @@ def _hide_dali(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
 
 
+@needs_dali
+@pytest.mark.parametrize("augment", [Augment(), None])
+def test_the_gpu_pipeline_graph_is_valid_here(monkeypatch, augment):
+    """No GPU here, but DALI checks every operator, argument and device placement (argument inputs
+    on the host, data on the GPU) when the graph is defined; only building it needs the GPU.  So the
+    GPU pipeline is defined for device 0: a wrong argument or a placement error fails here."""
+    from aerl_fast.data.dali import DaliLoader
+    x, y = _images(10)
+    loader = _dali(x, y, 4, augment=augment, seed=0, channels_last=True)
+    loader.pipeline_device = "gpu"
+    monkeypatch.setattr(DaliLoader, "device_id", property(lambda self: 0))
+    pipe = loader.build_pipeline(lambda: None)
+    assert pipe.device_id == 0
+    # images (flipped, sliced, normalised) and labels both come out on the GPU
+    assert [node.device for node in pipe._graph_out] == ["gpu", "gpu"]
+
+
 # --------------------------------------------------------------------------- outputs and order
 
 @needs_dali

@@ -168,6 +168,19 @@ def test_cpu_pipeline_never_touches_a_gpu(tree, monkeypatch):
     assert choose_decoder("auto", "cpu")[:2] == choose_decoder("dali", "cpu")[:2] == ("dali", None)
 
 
+@needs_dali
+def test_the_gpu_decoding_graph_is_valid_here(monkeypatch):
+    """No GPU here, but DALI checks every operator, argument and device placement when the graph is
+    defined; only `build()` needs the GPU.  So the "mixed" (nvJPEG) pipeline is defined for device 0
+    with build() stubbed: a wrong argument name or a CPU/GPU placement error fails here."""
+    from nvidia.dali import Pipeline
+    built = []
+    monkeypatch.setattr(Pipeline, "build", lambda self: built.append(self.device_id))
+    pipe = imf._DaliDecoder(4, SIZE, 1, device_id=0).build()
+    assert built == [0]
+    assert [node.device for node in pipe._graph_out] == ["gpu"]  # decoded, resized, cropped on the GPU
+
+
 # --------------------------------------------------------------------------- broken files
 
 @needs_dali
