@@ -4,6 +4,7 @@
 // what torch.compile and torch.library.opcheck need for shape propagation.
 #include <torch/library.h>
 
+#include "augment.h"
 #include "grad_stats.h"
 
 namespace aerl_fast {
@@ -23,10 +24,14 @@ TORCH_LIBRARY(aerl_fast, m) {
   m.def(
       "grad_stats(Tensor g, Tensor? g_prev) -> "
       "(Tensor norm, Tensor cos, Tensor sign_agree, Tensor mean_dir)");
+  m.def(
+      "augment_gather(Tensor images, Tensor index, Tensor shift_y, Tensor shift_x, Tensor vflip, "
+      "Tensor hflip) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(aerl_fast, CPU, m) {
   m.impl("grad_stats", &aerl_fast::grad_stats_cpu);
+  m.impl("augment_gather", &aerl_fast::augment_gather_cpu);
 }
 
 #ifdef AERL_FAST_WITH_CUDA

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from aerl_fast.data.loader import Augment, DeviceLoader, augment_batch
+from aerl_fast.data.loader import Augment, DeviceLoader, augment_batch, draw_augment, fused_augment_op
 
 
 def _images(n, h=20, w=20, seed=0):
@@ -111,3 +111,82 @@ def test_bad_arguments(kwargs, match):
         DeviceLoader(x.astype(np.float32), y, 2)
     with pytest.raises(ValueError, match="translate"):
         Augment(translate=0.7)
+
+
+
+# ------------------------------------------------ the CPU loader's fused batch (aerl_fast._C)
+
+FUSED = fused_augment_op()
+needs_fused = pytest.mark.skipif(FUSED is None, reason="aerl_fast._C is not built with augment_gather")
+
+
+def _explicit(images, idx, ty, tx, vf, hf):
+    """Independent definition: each sample flipped, then its content moved by (ty, tx) pixels with
+    zero fill, by slicing; then / 255 in float32."""
+    out = torch.zeros(len(idx), *images.shape[1:])
+    h, w = images.shape[2:]
+    for i, (j, dy, dx, v, f) in enumerate(zip(idx.tolist(), ty.tolist(), tx.tolist(), vf.tolist(), hf.tolist())):
+        x = images[j].float() / 255
+        x = x.flip(1) if v else x
+        x = x.flip(2) if f else x
+        ys, xs = slice(max(0, dy), min(h, h + dy)), slice(max(0, dx), min(w, w + dx))
+        if ys.start < ys.stop and xs.start < xs.stop:
+            out[i, :, ys, xs] = x[:, max(0, -dy):min(h, h - dy), max(0, -dx):min(w, w - dx)]
+    return out
+
+
+@needs_fused
+@pytest.mark.parametrize("c, h, w", [(3, 13, 29), (1, 32, 32), (3, 1, 7)])
+def test_fused_batch_equals_flips_and_shifts_by_slicing(c, h, w):
+    g = torch.Generator().manual_seed(c * 100 + h)
+    images = torch.randint(0, 256, (17, c, h, w), dtype=torch.uint8, generator=g)
+    b = 40
+    idx = torch.randint(0, 17, (b,), generator=g)  # repeats included
+    ty = torch.randint(-h - 2, h + 3, (b,), generator=g)  # shifts past the border: rows of zeros
+    tx = torch.randint(-w - 2, w + 3, (b,), generator=g)
+    vf, hf = torch.rand(b, generator=g) < 0.5, torch.rand(b, generator=g) < 0.5
+    got = FUSED(images, idx, ty, tx, vf, hf)
+    assert got.dtype == torch.float32 and got.shape == (b, c, h, w) and got.is_contiguous()
+    assert torch.equal(got, _explicit(images, idx, ty, tx, vf, hf))  # bit for bit
+
+
+@needs_fused
+def test_fused_batch_equals_the_torch_gather_definition():
+    """The op against augment_batch (the torch definition) on the same draws, bit for bit."""
+    images = torch.as_tensor(_images(50, 20, 24)[0]).permute(0, 3, 1, 2).contiguous()
+    aug = Augment(translate=0.2)
+    idx = torch.randperm(50)[:33]
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    want = augment_batch(images.index_select(0, idx), aug, g1).float().div_(255.0)
+    got = FUSED(images, idx, *draw_augment(33, 20, 24, aug, g2))
+    assert torch.equal(got, want)
+
+
+@needs_fused
+def test_the_cpu_loader_uses_the_fused_batch_and_gives_the_torch_paths_batches():
+    x, y = _images(70, 20, 20)
+    fused = DeviceLoader(x, y, 16, augment=Augment(), seed=2)
+    torch_path = DeviceLoader(x, y, 16, augment=Augment(), seed=2)
+    torch_path.fused = None
+    assert fused.fused is not None
+    assert DeviceLoader(x, y, 16, augment=Augment(pad_mode="reflect")).fused is None  # zero fill only
+    for (a, la), (b, lb) in zip(fused.epoch(3), torch_path.epoch(3)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+@needs_fused
+@pytest.mark.parametrize("change, match", [
+    (dict(images=torch.rand(4, 3, 8, 8)), "images must be uint8"),
+    (dict(images=torch.zeros(4, 8, 8, dtype=torch.uint8)), r"images must be \[N, C, H, W\]"),
+    (dict(index=torch.tensor([0, 4])), r"index\[1\] = 4 is out of range for 4 images"),
+    (dict(index=torch.tensor([0, -1])), "out of range"),
+    (dict(shift_y=torch.zeros(3, dtype=torch.int64)), r"shift_y must have shape \[2\]"),
+    (dict(vflip=torch.zeros(2, dtype=torch.int64)), "vflip must be Bool"),
+])
+def test_fused_batch_rejects_bad_input_with_a_clear_error(change, match):
+    kw = dict(images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), index=torch.tensor([0, 3]),
+              shift_y=torch.zeros(2, dtype=torch.int64), shift_x=torch.zeros(2, dtype=torch.int64),
+              vflip=torch.zeros(2, dtype=torch.bool), hflip=torch.zeros(2, dtype=torch.bool))
+    kw.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        FUSED(*kw.values())

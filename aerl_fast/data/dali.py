@@ -23,13 +23,12 @@ slice pads with a constant); `--pad-mode reflect/replicate` needs the tensor loa
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
-from aerl_fast.data.loader import Augment, EpochOrder, _seed
+from aerl_fast.data.loader import Augment, EpochOrder, _seed, draw_augment
 
 INSTALL_HINT = ('DALI is not installed: pip install "aerl_fast[dali]" '
                 "(or pip install nvidia-dali-cuda120==2.4.0)")
@@ -51,23 +50,14 @@ def require_dali():
 
 
 def augment_params(aug: Optional[Augment], b: int, h: int, w: int, generator: torch.Generator):
-    """Per-sample (vflip, hflip, shift_y, shift_x) as int32 numpy arrays, drawn in the order and
-    from the same generator calls as `augment_batch`, so both loaders see identical augmentations.
-
-    A sample is flipped first and then shifted by (shift_y, shift_x) pixels (content moves down/right
-    for positive shifts) with zero fill: exactly what augment_batch's single gather computes."""
-    zeros = np.zeros(b, np.int32)
+    """Per-sample (vflip, hflip, shift_y, shift_x) as int32 numpy arrays, from `draw_augment` (the
+    one place every loader draws them), so both loaders see identical augmentations: flipped first,
+    then shifted by (shift_y, shift_x) pixels (content moves down/right for positive shifts), zero fill."""
     if aug is None or not aug.active:
+        zeros = np.zeros(b, np.int32)
         return zeros, zeros, zeros, zeros
-    my, mx = int(math.floor(aug.translate * h)), int(math.floor(aug.translate * w))
-    ty = tx = torch.zeros(b, 1, dtype=torch.int64)
-    if my or mx:
-        ty = torch.randint(-my, my + 1, (b, 1), generator=generator)
-        tx = torch.randint(-mx, mx + 1, (b, 1), generator=generator)
-    vf = (torch.rand(b, 1, generator=generator) < 0.5) if aug.vflip else torch.zeros(b, 1, dtype=torch.bool)
-    hf = (torch.rand(b, 1, generator=generator) < 0.5) if aug.hflip else torch.zeros(b, 1, dtype=torch.bool)
-    as_np = lambda t: t.view(b).numpy().astype(np.int32)  # noqa: E731
-    return as_np(vf), as_np(hf), as_np(ty), as_np(tx)
+    ty, tx, vf, hf = draw_augment(b, h, w, aug, generator)
+    return tuple(t.numpy().astype(np.int32) for t in (vf, hf, ty, tx))
 
 
 class DaliLoader(EpochOrder):
