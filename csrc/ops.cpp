@@ -1,7 +1,8 @@
-// Operator registration: torch.ops.aerl_fast.grad_stats, visible to the dispatcher and so to
-// torch.compile. Python-free, so that the CMake build links it into plain libtorch programs.
-// The fake (meta) kernel is registered from Python (aerl_fast/analysis/grad_stats.py), which is
-// what torch.compile and torch.library.opcheck need for shape propagation.
+// Operator registration: torch.ops.aerl_fast.grad_stats and torch.ops.aerl_fast.augment_gather,
+// visible to the dispatcher and so to torch.compile. Python-free, so that the CMake build links it
+// into plain libtorch programs. grad_stats' fake (meta) kernel is registered from Python
+// (aerl_fast/analysis/grad_stats.py), which is what torch.compile and torch.library.opcheck need
+// for shape propagation; augment_gather is the CPU loader's eager batch and has none.
 #include <torch/library.h>
 
 #include "augment.h"

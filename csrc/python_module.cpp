@@ -1,5 +1,6 @@
 // The Python module aerl_fast._C. Importing it runs the static registrations in ops.cpp
-// (torch.ops.aerl_fast.grad_stats); the functions here only describe the build.
+// (torch.ops.aerl_fast.grad_stats, torch.ops.aerl_fast.augment_gather); the functions here only
+// describe the build.
 #include <torch/extension.h>
 
 #include "grad_stats.h"
