@@ -34,8 +34,9 @@ from aerl_fast.distributed import DistContext
 from aerl_fast.errors import CheckpointError, ConfigError, UserError
 from aerl_fast.objectives import train_step
 
+# the loaders give bit-identical batches (a resume across them is tested) and both decoders feed one cache
 RESUMABLE_CHANGES = {"epochs", "device", "amp", "compile", "progress", "eval_batch_size",
-                     "checkpoint_minutes", "save_every", "overwrite", "out", "preset", "decoder"}
+                     "checkpoint_minutes", "save_every", "overwrite", "out", "preset", "decoder", "loader"}
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -88,6 +88,22 @@ def test_resume_extends_epochs_and_refuses_other_model(tmp_path, capsys):
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
 
 
+def test_resume_may_switch_loader_and_gives_the_uninterrupted_runs_weights(tmp_path):
+    """A run resumed with --loader dali (e.g. moved to where DALI streams the data) ends with the
+    weights of the uninterrupted tensor-loader run, bit for bit: both loaders give identical batches."""
+    from aerl_fast.data.dali import dali_available
+    if not dali_available():
+        pytest.skip("nvidia.dali is not installed")
+    ref, out = tmp_path / "ref", tmp_path / "switched"
+    args = TINY + ["--objective", "rl", "--loader", "tensor", "--device", "cpu"]
+    train_mod.main(args + ["--epochs", "2", "--out", str(ref)])
+    train_mod.main(args + ["--epochs", "1", "--out", str(out)])
+    train_mod.main(["--resume", str(out), "--epochs", "2", "--loader", "dali", "--no-progress"])
+    assert json.loads((out / "config.json").read_text())["loader"] == "dali"
+    a, b = _weights(ref), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     from aerl_fast.checkpoint import load_checkpoint, save_checkpoint
     from aerl_fast.config import TrainConfig

@@ -2,7 +2,7 @@
 
 Measured on our CPU machine (2 cores, loaded; 1 thread; 10k CIFAR-shaped images, batch 128, flips +
 translate): tensor DeviceLoader ~300k img/s (its batch is one C++ pass, augment_gather), DALI CPU
-pipeline ~45-72k img/s (see bench/bench_speed.py).  So `auto` is the tensor loader on the CPU.
+pipeline ~43k img/s (see bench/bench_speed.py).  So `auto` is the tensor loader on the CPU.
 
 On CUDA the tensor loader keeps the whole uint8 set on the GPU and does one gather per batch with no
 host work and no host-to-device copy; DALI, fed from host arrays, adds a host gather and a copy per
@@ -55,7 +55,7 @@ def choose_loader(requested: str, device: torch.device, data_bytes: int, *, pad_
                               f"needs --loader tensor")
         return LoaderChoice("dali", "requested")
     if device.type != "cuda":
-        return LoaderChoice("tensor", "auto: CPU, the tensor loader (one C++ pass per batch) is ~5x faster than DALI's CPU pipeline")
+        return LoaderChoice("tensor", "auto: CPU, the tensor loader (one C++ pass per batch) is ~7x faster than DALI's CPU pipeline")
     free = (gpu_free_bytes or _gpu_free_bytes)(device)
     if data_bytes <= GPU_FRACTION * free:
         return LoaderChoice("tensor", "auto: the uint8 set fits on the GPU; one on-device gather per batch")

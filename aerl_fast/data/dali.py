@@ -124,9 +124,12 @@ class DaliLoader(EpochOrder):
                 img = fn.slice(img, anchor, np.array([h, w], np.int32), axis_names="HW",
                                normalized_anchor=False, normalized_shape=False,
                                out_of_bounds_policy="pad", fill_values=0)
-            # HWC output viewed as NCHW is channels_last memory at no cost; CHW is contiguous NCHW
-            img = fn.crop_mirror_normalize(img, mean=0.0, std=255.0, dtype=types.FLOAT,
-                                           output_layout="HWC" if self.channels_last else "CHW")
+            # x / 255 as a true float32 division, bit for bit the tensor loader's (crop_mirror_normalize
+            # multiplies by 1/255, up to 1 ulp off); HWC viewed as NCHW is channels_last memory at no
+            # cost, CHW is contiguous NCHW
+            img = fn.cast(img, dtype=types.FLOAT) / np.float32(255.0)
+            if not self.channels_last:
+                img = fn.transpose(img, perm=[2, 0, 1], output_layout="CHW")
             return img, lab
 
         return pipe()
