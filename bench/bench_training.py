@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from aerl_fast import runtime
-from baselines import baseline_of, record, set_baseline
 from aerl_fast.models import build_model
 from aerl_fast.objectives import ObjectiveConfig, train_step
+from baselines import baseline_of, record, set_baseline
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
