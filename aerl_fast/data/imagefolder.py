@@ -90,25 +90,16 @@ def _decode(path: Path, size: int) -> np.ndarray:
 
 
 def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
+    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="img", disable=total < PROGRESS_MIN, file=sys.stderr)
 
 
 def _decode_pil(files: Sequence[Path], size: int, threads: int, desc: str) -> np.ndarray:
     images = np.empty((len(files), size, size, 3), np.uint8)
-    bar = _progress(len(files), desc)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for i, img in enumerate(pool.map(lambda f: _decode(f, size), files)):
-                images[i] = img
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    with _progress(len(files), desc) as bar, ThreadPoolExecutor(max_workers=threads) as pool:
+        for i, img in enumerate(pool.map(lambda f: _decode(f, size), files)):
+            images[i] = img
+            bar.update(1)
     return images
 
 
@@ -197,30 +188,24 @@ def _decode_dali(files: Sequence[Path], size: int, threads: int, desc: str, *,
     n = len(files)
     images = np.empty((n, size, size, 3), np.uint8)
     decoder = _DaliDecoder(min(batch_size, n), size, threads, device_id)
-    bar = _progress(n, desc)
-    say = (lambda m: bar.write(m, file=sys.stderr)) if bar is not None else (lambda m: print(m, file=sys.stderr))
     rejected = []  # files only PIL decodes
     streak = [0]   # DALI failures in a row, across batches
-    try:
-        # the next batch's files are read (and their headers parsed) while DALI decodes this one
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(_read_encoded, files[:batch_size], size)
-            for lo in range(0, n, batch_size):
-                hi = min(lo + batch_size, n)
-                encoded, hw = pending.result()
-                if hi < n:
-                    pending = reader.submit(_read_encoded, files[hi:hi + batch_size], size)
-                try:
-                    images[lo:hi] = decoder.run(encoded, hw)  # the last batch may be smaller
-                except RuntimeError:
-                    _salvage(decoder, files, lo, hi, encoded, hw, images, rejected, streak, say)
-                else:
-                    streak[0] = 0
-                if bar is not None:
-                    bar.update(hi - lo)
-    finally:
-        if bar is not None:
-            bar.close()
+    # the next batch's files are read (and their headers parsed) while DALI decodes this one
+    with _progress(n, desc) as bar, ThreadPoolExecutor(max_workers=1) as reader:
+        say = lambda m: bar.write(m, file=sys.stderr)  # noqa: E731  (above the bar, not through it)
+        pending = reader.submit(_read_encoded, files[:batch_size], size)
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            encoded, hw = pending.result()
+            if hi < n:
+                pending = reader.submit(_read_encoded, files[hi:hi + batch_size], size)
+            try:
+                images[lo:hi] = decoder.run(encoded, hw)  # the last batch may be smaller
+            except RuntimeError:
+                _salvage(decoder, files, lo, hi, encoded, hw, images, rejected, streak, say)
+            else:
+                streak[0] = 0
+            bar.update(hi - lo)
     if len(rejected) > MAX_WARNINGS:
         print(f"warning: {len(rejected)} images DALI cannot decode were decoded with PIL "
               f"(first: {rejected[0]})", file=sys.stderr)
