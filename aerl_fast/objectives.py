@@ -91,20 +91,18 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Objectiv
     (the caller zeroes them, clips and steps the optimizer)."""
     use_adv = cfg.is_adv and adv_active and cfg.adv_beta > 0
     ctx = autocast if autocast is not None else nullcontext()
+    if use_adv:
+        x = x.detach().requires_grad_(True)
+    # adversarial step under DistributedDataParallel: the clean pass's parameter gradients stay local
+    # (no_sync) and the adversarial backward all-reduces them with its own, once per step, not twice
+    defer_sync = use_adv and hasattr(model, "no_sync")
+    with model.no_sync() if defer_sync else nullcontext():
+        with ctx:
+            logits = model(x)
+        loss_clean, reward = objective_loss(cfg, logits, y, generator)
+        loss_clean.backward()  # adversarial: ∇θ L(x) into .grad and ∇ₓ L(x) into x.grad, in one backward
     if not use_adv:
-        with ctx:
-            logits = model(x)
-        loss_clean, reward = objective_loss(cfg, logits, y, generator)
-        loss_clean.backward()
         return StepResult(loss_clean.detach(), loss_clean.detach(), None, logits.detach(), reward)
-    x = x.detach().requires_grad_(True)
-    # under DistributedDataParallel the clean pass's parameter gradients stay local (no_sync): the
-    # adversarial backward all-reduces them together with its own, one all-reduce per step, not two
-    with model.no_sync() if hasattr(model, "no_sync") else nullcontext():
-        with ctx:
-            logits = model(x)
-        loss_clean, reward = objective_loss(cfg, logits, y, generator)
-        loss_clean.backward()  # ∇θ L(x) into .grad and ∇ₓ L(x) into x.grad, in one backward
     x_adv = fgsm_from_grad(x.detach(), x.grad, cfg.adv_eps)
     with ctx:
         logits_adv = model(x_adv)
