@@ -39,6 +39,10 @@ class Augment:
     def active(self) -> bool:
         return self.hflip or self.vflip or self.translate > 0
 
+    def margins(self, h: int, w: int) -> Tuple[int, int]:
+        """The largest shift in pixels, (rows, columns), for an h x w image."""
+        return int(math.floor(self.translate * h)), int(math.floor(self.translate * w))
+
 
 def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
@@ -50,7 +54,7 @@ def draw_augment(b: int, h: int, w: int, aug: Augment, generator: torch.Generato
     same augmentations.  A sample is flipped, then moved by (shift_y, shift_x) pixels (down/right for
     positive shifts): output pixel (r, q) comes from (r - shift_y, q - shift_x) of the flipped image."""
     device = generator.device if device is None else device
-    my, mx = int(math.floor(aug.translate * h)), int(math.floor(aug.translate * w))
+    my, mx = aug.margins(h, w)
     ty = tx = torch.zeros(b, dtype=torch.int64, device=device)
     if my or mx:
         ty = torch.randint(-my, my + 1, (b,), device=device, generator=generator)
@@ -70,7 +74,7 @@ def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> 
     thing fused into one C++ pass (torch.ops.aerl_fast.augment_gather, csrc/augment_cpu.cpp).
     """
     b, c, h, w = x.shape
-    my, mx = int(math.floor(aug.translate * h)), int(math.floor(aug.translate * w))
+    my, mx = aug.margins(h, w)
     if not (my or mx or aug.vflip or aug.hflip):
         return x
     ty, tx, vf, hf = draw_augment(b, h, w, aug, generator, x.device)
