@@ -255,11 +255,15 @@ def _dali_ok() -> bool:
     return dali.dali_available()
 
 
+def _check_decoder(name: str):
+    if name not in DECODERS:
+        raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, got {name!r}")
+
+
 def choose_decoder(requested: str = "auto", device=None, *, dali_ok: Optional[bool] = None) -> DecoderChoice:
     """The decoder for `requested` (auto|pil|dali) decoding for `device` (None/"auto": CUDA when
     available; "cpu"; "cuda[:N]").  Asks nothing of CUDA when `device` is "cpu" or PIL is requested."""
-    if requested not in DECODERS:
-        raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, got {requested!r}")
+    _check_decoder(requested)
     if requested == "pil":
         return DecoderChoice("pil", None, "requested")
     if not (_dali_ok() if dali_ok is None else dali_ok):
@@ -343,8 +347,7 @@ def load_image_folder(root, split: str = "train", size: int = 32, cache: bool = 
         raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if decoder not in DECODERS:  # checked even when the cache makes the decoder moot
-        raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    _check_decoder(decoder)  # checked even when the cache makes the decoder moot
     split_dir = next((root / d for d in SPLIT_DIRS[split] if (root / d).is_dir()), None)
     if split_dir is None:
         raise DatasetError(f"no image folder tree at {root}: expected {root}/train/<class>/*.JPEG and "

@@ -169,7 +169,7 @@ class DeviceLoader(EpochOrder):
                     x = augment_batch(self.images.index_select(0, idx), self.augment, self._gen)
             else:
                 x = self.images.index_select(0, idx)
-            if self.channels_last:  # re-lay the uint8 batch: a quarter of the bytes of the float one
+            if self.channels_last:  # (CUDA: the torch path's uint8 batch, a quarter of the float bytes)
                 x = x.contiguous(memory_format=torch.channels_last)
             if x.dtype == torch.uint8:
                 x = x.float().div_(255.0)  # keeps the memory format
