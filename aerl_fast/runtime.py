@@ -9,14 +9,19 @@ import sys
 
 import torch
 
+from aerl_fast.errors import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available")
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
+        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -112,9 +117,3 @@ def should_compile(device: torch.device, requested) -> bool:
     return (device.type == "cuda") if requested is None else bool(requested)
 
 
-def fused_adamw_supported(device: torch.device) -> bool:
-    return device.type in ("cuda", "cpu") and "fused" in torch.optim.AdamW.__init__.__code__.co_varnames
-
-
-def eprint(*args):
-    print(*args, file=sys.stderr)

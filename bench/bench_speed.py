@@ -156,12 +156,12 @@ STEPS, BATCH = 24, 64
 
 def _trainer(model="alicnn", width=0.5):
     """A Trainer on the embedded dataset with STEPS full training batches (drop_last), on the CPU."""
-    from aerl_fast.config import TrainConfig
+    from aerl_fast.config import RunOptions, TrainConfig
     from aerl_fast.train import Trainer
     cfg = TrainConfig(dataset="shapes", model=model, width=width, objective="rl", batch_size=BATCH,
-                      train_subset=STEPS * BATCH + BATCH // 2, progress=False, checkpoint_minutes=0,
-                      device="cpu", loader="tensor").validate()
-    trainer = Trainer(cfg, Path(tempfile.mkdtemp(prefix="aerl_bench_")), log=lambda m: None)
+                      train_subset=STEPS * BATCH + BATCH // 2).validate()
+    options = RunOptions(progress=False, checkpoint_minutes=0, device="cpu", loader="tensor")
+    trainer = Trainer(cfg, options, Path(tempfile.mkdtemp(prefix="aerl_bench_")), log=lambda m: None)
     assert len(trainer.loader) == STEPS, f"{len(trainer.loader)} batches, expected {STEPS}"
     return trainer
 

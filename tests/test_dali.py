@@ -273,9 +273,9 @@ def test_cli_records_the_loader(loader, tmp_path, capsys):
 def test_make_loader_builds_the_chosen_backend():
     from aerl_fast.config import TrainConfig
     x, y = _images(40)
-    loader, choice = make_loader(TrainConfig(loader="tensor", batch_size=16), x, y, CPU)
+    loader, choice = make_loader(TrainConfig(batch_size=16), x, y, CPU, loader="tensor")
     assert isinstance(loader, DeviceLoader) and choice.name == "tensor" and len(loader) == 2
     if dali_available():
         from aerl_fast.data.dali import DaliLoader
-        loader, choice = make_loader(TrainConfig(loader="dali", batch_size=16), x, y, CPU)
+        loader, choice = make_loader(TrainConfig(batch_size=16), x, y, CPU, loader="dali")
         assert isinstance(loader, DaliLoader) and len(loader) == 2 and loader.augment == Augment()

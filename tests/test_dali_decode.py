@@ -31,7 +31,7 @@ import torch
 import aerl_fast.data.dali as dali_mod
 import aerl_fast.data.imagefolder as imf
 from aerl_fast import train as train_mod
-from aerl_fast.config import TrainConfig
+from aerl_fast.config import RunOptions, TrainConfig
 from aerl_fast.data import DatasetError, load_dataset
 from aerl_fast.data.dali import INSTALL_HINT, dali_available
 from aerl_fast.data.imagefolder import _decode, _resized_size, choose_decoder, load_image_folder
@@ -277,7 +277,7 @@ def test_bogus_decoder_is_rejected_everywhere(tree, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--decoder must be one of"):
         load_dataset("imagenet100", tree, "train", image_size=SIZE, decoder="bogus")
     with pytest.raises(ConfigError, match="--decoder must be one of"):
-        TrainConfig(decoder="bogus").validate()
+        RunOptions(decoder="bogus").validate()
     with pytest.raises(SystemExit) as exc:
         train_mod.main(["--decoder", "bogus", "--out", str(tmp_path / "r")])
     assert exc.value.code == 2
@@ -316,10 +316,9 @@ def test_cli_plumbs_the_decoder_to_load_dataset(own_tree, tmp_path, monkeypatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(imf, "load_image_folder", spy)
-    cfg = TrainConfig(dataset="imagenet100", data_dir=str(own_tree), image_size=16, decoder="pil",
-                      device="cpu", val_frac=0.3).validate()
-    train, val, test, _ = train_mod.prepare_data(cfg)
+    cfg = TrainConfig(dataset="imagenet100", data_dir=str(own_tree), image_size=16, val_frac=0.3).validate()
+    train, val, test, _ = train_mod.prepare_data(cfg, RunOptions(decoder="pil", device="cpu"))
     assert seen == [("pil", "cpu"), ("pil", "cpu")]
     assert len(train.labels) + len(val.labels) == 11 and len(test.labels) == 3
-    assert TrainConfig().decoder == "auto"
-    assert "decoder" in TrainConfig().to_json()
+    assert RunOptions().decoder == "auto"
+    assert "decoder" in RunOptions().to_json()

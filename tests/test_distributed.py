@@ -173,15 +173,17 @@ def test_killed_distributed_run_resumes_mid_epoch(rl_run, tmp_path):
 def _equivalence_job(run_dir: str):
     from aerl_fast import distributed, runtime
     from aerl_fast import train as train_mod
-    from aerl_fast.config import TrainConfig
+    from aerl_fast.config import RunOptions, TrainConfig
     from aerl_fast.objectives import train_step
+    from aerl_fast.optim import fused_adamw_supported
 
     dist = distributed.init()
     try:
         assert dist.world_size == 2, dist
         cfg = TrainConfig(dataset="shapes", model="alicnn", width=0.25, train_subset=256, batch_size=32,
-                          objective="sl-adv", progress=False, out=run_dir).validate()
-        tr = train_mod.Trainer(cfg, Path(run_dir), log=lambda m: None, dist=dist)
+                          objective="sl-adv").validate()
+        tr = train_mod.Trainer(cfg, RunOptions(progress=False, out=run_dir), Path(run_dir), log=lambda m: None,
+                               dist=dist)
         # exploration streams: per rank, and rank 0's is the single-process one
         states = dist.all_gather_object(tr.explore_gen.get_state())
         assert not torch.equal(states[0], states[1])
@@ -197,7 +199,7 @@ def _equivalence_job(run_dir: str):
         tr.forward_model.register_comm_hook(None, counting_hook)
 
         ref = copy.deepcopy(tr.model)
-        fused = {"fused": True} if runtime.fused_adamw_supported(tr.device) else {}
+        fused = {"fused": True} if fused_adamw_supported(tr.device) else {}
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         tr.forward_model.eval()
         ref.eval()

@@ -53,7 +53,8 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     train_mod.main(args + ["--out", str(ref)])
 
     crashed = tmp_path / "crashed"
-    real_save = train_mod.save_checkpoint
+    from aerl_fast.train import trainer as trainer_mod
+    real_save = trainer_mod.save_checkpoint
     calls = {"n": 0}
 
     def crash_after_seventh(state, path):
@@ -61,10 +62,10 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
         calls["n"] += 1
         if calls["n"] == 7:  # mid-epoch 1 (15 batches per epoch, a checkpoint after each)
             raise RuntimeError("simulated crash")
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_seventh)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", crash_after_seventh)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_mod.main(args + ["--out", str(crashed)])
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
     state = torch.load(crashed / "last.pt", weights_only=True)
     assert state["epoch"] == 0 and 0 < state["step"] < 15
     train_mod.main(["--resume", str(crashed), "--no-progress"])
@@ -99,23 +100,23 @@ def test_resume_may_switch_loader_and_gives_the_uninterrupted_runs_weights(tmp_p
     train_mod.main(args + ["--epochs", "2", "--out", str(ref)])
     train_mod.main(args + ["--epochs", "1", "--out", str(out)])
     train_mod.main(["--resume", str(out), "--epochs", "2", "--loader", "dali", "--no-progress"])
-    assert json.loads((out / "config.json").read_text())["loader"] == "dali"
+    assert json.loads((out / "config.json").read_text())["run_options"]["loader"] == "dali"
     a, b = _weights(ref), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     from aerl_fast.checkpoint import load_checkpoint, save_checkpoint
-    from aerl_fast.config import TrainConfig
+    from aerl_fast.config import RunOptions, config_from_json
     out = tmp_path / "run"
     train_mod.main(TINY + ["--objective", "sl", "--epochs", "1", "--out", str(out)])
     state = load_checkpoint(out / "last.pt")
     state["model_spec"] = dict(state["model_spec"], name="cnn6")
     state.pop("format")
     save_checkpoint(state, out / "last.pt")
-    cfg = TrainConfig(**json.loads((out / "config.json").read_text()))
+    cfg = config_from_json(json.loads((out / "config.json").read_text()), "config.json")
     with pytest.raises(aerl_fast.checkpoint.CheckpointError, match="checkpoint is for cnn6"):
-        train_mod.Trainer(cfg, out, resume_state=state)
+        train_mod.Trainer(cfg, RunOptions(), out, resume_state=state)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import DatasetError, ImageSet
+from .base import SPLITS, DatasetError, ImageSet, check_split
 from .split import stratified_split
 
 DATASETS = ("shapes", "cifar10", "cifar100", "imagenet100", "npz")
@@ -38,8 +38,7 @@ def load_dataset(name: str, data_dir=None, split: str = "train", *, labels: str 
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if split not in ("train", "test"):
-        raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
+    check_split(split)
     if name == "shapes":
         from .shapes import load_shapes
         return load_shapes(split, seed=seed)
@@ -60,4 +59,4 @@ def load_dataset(name: str, data_dir=None, split: str = "train", *, labels: str 
                              device=None if decode_device in (None, "auto") else decode_device)
 
 
-__all__ = ["CHANNEL_STATS", "DATASETS", "DatasetError", "ImageSet", "load_dataset", "stratified_split"]
+__all__ = ["CHANNEL_STATS", "DATASETS", "SPLITS", "DatasetError", "ImageSet", "load_dataset", "stratified_split"]

@@ -18,10 +18,10 @@ from typing import Callable, Optional
 
 import torch
 
-from aerl_fast.config import LOADERS
 from aerl_fast.data.dali import INSTALL_HINT, dali_available
 from aerl_fast.data.loader import Augment, DeviceLoader
 from aerl_fast.errors import ConfigError
+LOADERS = ("auto", "tensor", "dali")  # --loader
 GPU_FRACTION = 0.5  # the device-resident set may take at most this share of the free GPU memory
 
 
@@ -67,9 +67,10 @@ def choose_loader(requested: str, device: torch.device, data_bytes: int, *, pad_
                                   + ("is not installed" if not dali_ok else f"cannot pad with {pad_mode}"))
 
 
-def make_loader(cfg, images, labels, device: torch.device, *, channels_last: bool = False):
-    """(training loader, LoaderChoice) for a TrainConfig: the one place the Trainer builds it."""
-    choice = choose_loader(getattr(cfg, "loader", "auto"), device, int(images.nbytes), pad_mode=cfg.pad_mode)
+def make_loader(cfg, images, labels, device: torch.device, *, loader: str = "auto", channels_last: bool = False):
+    """(training loader, LoaderChoice) for a TrainConfig and the --loader choice: the one place the
+    Trainer builds it."""
+    choice = choose_loader(loader, device, int(images.nbytes), pad_mode=cfg.pad_mode)
     aug = Augment(cfg.hflip, cfg.vflip, cfg.translate, cfg.pad_mode)
     kw = dict(device=device, shuffle=True, augment=aug, drop_last=len(labels) > cfg.batch_size,
               seed=cfg.seed, channels_last=channels_last)

@@ -8,8 +8,17 @@ import numpy as np
 from aerl_fast.errors import UserError
 
 
+SPLITS = ("train", "test")  # every source serves these two; validation is carved out of "train"
+
+
 class DatasetError(UserError):
     """A dataset is missing, malformed or inconsistent; the message names the file and the problem."""
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise DatasetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return split
 
 
 class ImageSet(NamedTuple):

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .base import DatasetError, ImageSet, check_labels
+from .base import DatasetError, ImageSet, check_labels, check_split
 from .safe_pickle import UnsafePickleError, loads_dataset_pickle
 
 SPECS = {
@@ -35,6 +35,7 @@ SPECS = {
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         md5="eb9058c3a382ffc7106e4002c42a8d85"),
 }
+LABEL_SETS = ("fine", "coarse")  # CIFAR-100's two label sets (--labels)
 COARSE = dict(label_key="coarse_labels", names_key="coarse_label_names", num_classes=20)
 
 
@@ -138,13 +139,12 @@ def load_cifar(name: str, data_dir, split: str = "train", labels: str = "fine",
     """CIFAR-10 or CIFAR-100 (`labels='fine'|'coarse'` for CIFAR-100) as uint8 NHWC + int64 labels."""
     if name not in SPECS:
         raise DatasetError(f"unknown CIFAR variant {name!r}")
-    if split not in ("train", "test"):
-        raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
+    check_split(split)
     spec = dict(SPECS[name])
     if name == "cifar100" and labels == "coarse":
         spec.update(COARSE)
-    elif labels not in ("fine", "coarse"):
-        raise DatasetError(f"labels must be 'fine' or 'coarse', got {labels!r}")
+    elif labels not in LABEL_SETS:
+        raise DatasetError(f"labels must be one of {', '.join(LABEL_SETS)}, got {labels!r}")
     root = Path(data_dir).expanduser()
     try:
         source = _Source(root, spec)

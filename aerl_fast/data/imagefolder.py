@@ -51,11 +51,11 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from aerl_fast.config import DECODERS
 from aerl_fast.errors import ConfigError
 
-from .base import DatasetError, ImageSet
+from .base import DatasetError, ImageSet, check_split
 
+DECODERS = ("auto", "pil", "dali")  # --decoder
 EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 SPLIT_DIRS = {"train": ("train",), "test": ("val", "test")}
 DALI_BATCH = 256        # images per DALI pipeline run
@@ -343,8 +343,7 @@ def load_image_folder(root, split: str = "train", size: int = 32, cache: bool = 
     available, "cpu", "cuda[:N]"); num_threads: decoding threads (default: the CPUs this process may
     use); batch_size: images per DALI run."""
     root = Path(root).expanduser()
-    if split not in SPLIT_DIRS:
-        raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
+    check_split(split)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     _check_decoder(decoder)  # checked even when the cache makes the decoder moot

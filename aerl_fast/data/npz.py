@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError, ImageSet, check_labels, to_uint8_hwc
+from .base import DatasetError, ImageSet, check_labels, check_split, to_uint8_hwc
 
 KEYS = {"train": ("X_train", "y_train"), "test": ("X_test", "y_test")}
 NAME_KEYS = ("classes", "class_names", "label_names")
@@ -25,8 +25,7 @@ def _labels(y, where):
 def load_npz(path, split: str = "train", num_classes=None) -> ImageSet:
     """Images of one split as uint8 NHWC (uint8 or float-in-[0,1] input, NHWC or NCHW)."""
     path = Path(path).expanduser()
-    if split not in KEYS:
-        raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
+    check_split(split)
     if not path.is_file():
         raise DatasetError(f"no .npz file at {path}: expected a file with arrays "
                            f"X_train, y_train, X_test, y_test (images HWC uint8 or float in [0,1])")

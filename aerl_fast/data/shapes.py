@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .base import ImageSet
+from .base import ImageSet, check_split
 
 CLASSES = ["disk", "square", "triangle", "ring", "plus", "hbars", "vbars", "x", "checker", "diamond"]
 SIZES = {"train": 12000, "test": 2000}
@@ -97,8 +97,7 @@ def generate_shapes(n: int, seed: int = 0, size: int = 32) -> ImageSet:
 def load_shapes(split: str = "train", seed: int = 0, n=None) -> ImageSet:
     """The embedded dataset's train (12k) or test (2k) split; splits use disjoint seed streams.
     Memoised per process (generation takes a few seconds; the arrays are read-only)."""
-    if split not in SIZES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    check_split(split)
     return _cached(n or SIZES[split], seed * 2 + _SPLIT_STREAM[split])
 
 

@@ -1,0 +1,3 @@
+from aerl_fast.train.cli import main
+
+main()
