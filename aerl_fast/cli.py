@@ -66,10 +66,8 @@ def add_settings(parser: argparse.ArgumentParser, cls, *, groups: Optional[Dict[
         flag = flag_of(f)
         if t is bool:
             target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
-        elif typing.get_origin(t) in (tuple, list):
-            (item,) = set(typing.get_args(t)) - {Ellipsis}
-            conv = {int: integer, float: number}.get(item, str)
-            target.add_argument(flag, dest=f.name, nargs="+", type=conv, help=text, metavar=f.name.upper())
+        elif typing.get_origin(t) in (tuple, list):  # space- or comma-separated; converted by given()
+            target.add_argument(flag, dest=f.name, nargs="+", help=text, metavar=f.name.upper())
         else:
             conv = {int: integer, float: number}.get(t, str)
             choices = f.metadata.get("choices")
@@ -83,9 +81,24 @@ def formatter(prog):
 
 
 def given(ns: argparse.Namespace, cls) -> dict:
-    """The values of `cls`'s fields that the command line gave (flags default to SUPPRESS)."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in vars(ns).items() if k in names}
+    """The values of `cls`'s fields that the command line gave (flags default to SUPPRESS); list
+    flags take space- or comma-separated items ("--eps 0.25,0.5 1"), each converted to the item type."""
+    out = {}
+    for f in fields(cls):
+        if f.name not in vars(ns):
+            continue
+        v = getattr(ns, f.name)
+        t, _ = _base_type(cls, f)
+        if typing.get_origin(t) in (tuple, list):
+            (item,) = set(typing.get_args(t)) - {Ellipsis}
+            conv = {int: integer, float: number}.get(item, str)
+            parts = [p.strip() for tok in v for p in str(tok).split(",") if p.strip()]
+            try:
+                v = tuple(conv(p) for p in parts)
+            except argparse.ArgumentTypeError as exc:
+                raise UserError(f"{flag_of(f)}: {exc}") from None
+        out[f.name] = v
+    return out
 
 
 def run_cli(fn: Callable, argv=None):

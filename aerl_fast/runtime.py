@@ -117,3 +117,36 @@ def should_compile(device: torch.device, requested) -> bool:
     return (device.type == "cuda") if requested is None else bool(requested)
 
 
+
+
+def environment(device) -> dict:
+    """What a results folder records so a number can be traced: package versions, the git commit of
+    this checkout (when it is one), the resolved device and the date."""
+    import datetime  # noqa: PLC0415
+    import importlib.metadata as md  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    def version(dist):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+    commit = None
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        r = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode == 0:
+            commit = r.stdout.strip()
+            dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5, stdin=subprocess.DEVNULL)
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                commit += "+uncommitted"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    dev = torch.device(device)
+    return {"aerl_fast": version("aerl_fast"), "torch": torch.__version__, "triton": version("triton"),
+            "pyautoattack": version("pyautoattack"), "git_commit": commit, "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

@@ -285,7 +285,7 @@ def test_bogus_decoder_is_rejected_everywhere(tree, tmp_path, capsys):
     from aerl_fast.evaluate import parse_args
     with pytest.raises(SystemExit):
         parse_args([str(tmp_path), "--decoder", "bogus"])
-    assert parse_args([str(tmp_path), "--decoder", "dali"]).decoder == "dali"
+    assert parse_args([str(tmp_path), "--decoder", "dali"]).options.decoder == "dali"
 
 
 def test_decoder_dali_without_dali_is_a_one_line_error(own_tree, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,6 @@
 """python -m aerl_fast.evaluate: the results folder end to end, the batched robustness curve, and
 bad input (missing/foreign checkpoint, ε < 0, step > ε, unknown attack/norm, empty dataset, class
 counts differing in a transfer matrix, AutoAttack extra missing)."""
-import argparse
 import csv
 import json
 import sys
@@ -101,18 +100,18 @@ def test_early_stop_default_and_transfer_crafted_last_iterate(tiny_runs, tmp_pat
 
 def test_curve_in_one_batch_equals_single_eps_runs(tiny_runs):  # noqa: F811
     from aerl_fast import load_model
+    from aerl_fast.evaluate.attack_runs import run_gradient_attack
     model = load_model(tiny_runs.dirs["sl"])
     x, y = tiny_runs.x[:40], tiny_runs.y[:40]
     with torch.no_grad():
         clean_ok = model(x).argmax(1) == y
-    args = argparse.Namespace(step=None, rel_step=0.25, steps=4, batch_size=32, random_start=True,
-                              clamp=True, seed=3, restarts=1, loss="ce")
-    spec = ev.AttackSpec("pgd-l2", "l2", [0.1, 0.3, 0.6])
-    both = ev.run_gradient_attack(model, x, y, clean_ok, spec, spec.eps, args, early_stop=True)
-    for k, eps in enumerate(spec.eps):
-        one = ev.run_gradient_attack(model, x, y, clean_ok, spec, [eps], args, early_stop=True)
-        assert torch.equal(both["robust"][k], one["robust"][0])
-        assert both["acc"][k] == one["acc"][0]
+    config = ev.EvalConfig(rel_step=0.25, steps=4, batch_size=32, seed=3).validate()
+    radii = [0.1, 0.3, 0.6]
+    both, _ = run_gradient_attack(model, x, y, clean_ok, "pgd-l2", "l2", radii, config, early_stop=True)
+    for k, eps in enumerate(radii):
+        one, _ = run_gradient_attack(model, x, y, clean_ok, "pgd-l2", "l2", [eps], config, early_stop=True)
+        assert torch.equal(both.robust[k], one.robust[0])
+        assert both.acc[k] == one.acc[0]
 
 
 @pytest.mark.skipif(not autoattack_available(), reason="pyautoattack not installed")
@@ -159,7 +158,7 @@ def _expect_error(argv, capsys, match):
     (["--eps", "-1"], "--eps must be >= 0"),
     (["--attack", "pgd-l2", "--eps", "0.1", "--step", "0.5"], "--step 0.5 > eps 0.1"),
     (["--attack", "pgd-l3"], "unknown attack pgd-l3"),
-    (["--aa-norm", "l3"], "invalid choice: 'l3'"),
+    (["--aa-norm", "l3"], "--aa-norm must be one of linf, l2, got 'l3'"),
     (["--n-test", "0"], "--n-test must be >= 1"),
     (["--transfer", "--attack", "autoattack"], "--transfer needs fgsm"),
 ])

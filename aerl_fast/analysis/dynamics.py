@@ -85,9 +85,9 @@ def _scalar(v):
 def plot_dynamics(results: Mapping[str, dict], path, title: Optional[str] = None) -> None:
     """One figure, all models: gradient norm (log scale), cosine to last step, sign consistency,
     within-batch dispersion, per PGD step."""
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from aerl_fast.plotting import pyplot, save  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+    plt = pyplot()
 
     panels = [("norm", "input-gradient L2 norm\n(per-sample loss)", True),
               ("cos", "cosine to previous step", False),
@@ -99,6 +99,7 @@ def plot_dynamics(results: Mapping[str, dict], path, title: Optional[str] = None
             vals = [float("nan") if v is None else v for v in dyn["per_step"][key]]
             ax.plot(range(len(vals)), vals, label=name, lw=1.5)
         ax.set_xlabel("PGD step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
@@ -106,6 +107,5 @@ def plot_dynamics(results: Mapping[str, dict], path, title: Optional[str] = None
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0, 1, 0.92) if title else None)  # the title above the panels, not on them
+    save(fig, path)

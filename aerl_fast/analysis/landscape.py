@@ -80,9 +80,8 @@ def loss_landscape(model, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
 def plot_landscape(land: dict, path, title: Optional[str] = None) -> None:
     """Loss as a colour map, the incorrect region hatched and outlined; markers at the clean (0, 0)
     and adversarial (1, 0) points."""
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from aerl_fast.plotting import pyplot, save  # noqa: PLC0415
+    plt = pyplot()
     import numpy as np  # noqa: PLC0415
 
     a, b = np.asarray(land["a"]), np.asarray(land["b"])
@@ -104,5 +103,4 @@ def plot_landscape(land: dict, path, title: Optional[str] = None) -> None:
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title or "loss landscape (hatched: misclassified)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

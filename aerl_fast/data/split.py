@@ -24,3 +24,28 @@ def stratified_split(labels, val_frac: float = 0.1, seed: int = 42):
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def stratified_subset(labels, n: int, seed: int = 0):
+    """Sorted indices of exactly min(n, len(labels)) samples, stratified by class.
+
+    Each class gets floor(n · n_c / N) samples and the remaining slots go to the classes with the
+    largest remainders (ties: the smaller label), so class shares match the whole split as closely
+    as an integer count allows; which samples of a class are taken depends only on (seed, class).
+    Why: test splits are often ordered by class, so the first n would cover only some classes."""
+    labels = np.asarray(labels)
+    total = len(labels)
+    if n >= total:
+        return np.arange(total)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n * counts / total
+    quota = np.floor(exact).astype(np.int64)
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - quota[i]), classes[i]))
+    for i in order[: n - int(quota.sum())]:
+        quota[i] += 1
+    picked = []
+    for cls, q in zip(classes, quota):
+        idx = np.flatnonzero(labels == cls)
+        rng = np.random.default_rng([int(seed), int(cls) & 0x7FFFFFFF])
+        picked.append(rng.choice(idx, size=int(q), replace=False) if q < len(idx) else idx)
+    return np.sort(np.concatenate(picked))

@@ -1,0 +1,3 @@
+from aerl_fast.evaluate.cli import main
+
+main()
