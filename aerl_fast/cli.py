@@ -21,6 +21,8 @@ def number(text: str) -> float:
     try:
         if "/" in s:
             num, den = s.split("/", 1)
+            if "/" in den:
+                raise ValueError(s)
             return float(Fraction(num.strip()) / Fraction(den.strip()))
         return float(s)
     except (ValueError, ZeroDivisionError):
@@ -31,7 +33,7 @@ def integer(text: str) -> int:
     try:
         return int(str(text).strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"invalid integer value: {text!r}") from None
 
 
 def _default_text(f, default) -> str:

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1 ninja
-"$PY" -m pip install -q --no-build-isolation -e ".[test,autoattack,tensorboard,dali]"
+"$PY" -m pip install -q --no-build-isolation -e ".[test,autoattack,tensorboard,dali,cluster]"
 # torchattacks pins an old `requests`; its real dependencies are already here
 "$PY" -m pip install -q --no-deps torchattacks==3.5.1
 "$PY" -c "import aerl_fast, aerl_fast.kernels as k; print('aerl_fast installed; kernels backend:', k.backend())"

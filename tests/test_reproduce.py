@@ -11,7 +11,7 @@ import pytest
 from eval_fixtures import cpu_eval_env  # noqa: F401 - fixture
 
 from aerl_fast import evaluate, reproduce, train
-from aerl_fast.config import parse_config
+from aerl_fast.train.cli import configs_from_args, parse
 
 pytestmark = pytest.mark.usefixtures("cpu_eval_env")
 
@@ -39,6 +39,15 @@ def forbid(monkeypatch, what="training"):
     def fail(*a, **k):
         raise AssertionError(f"{what} must not run")
     return fail
+
+
+def forbid_stages(monkeypatch, training=True, evaluation=True):
+    """reproduce calls the stages' library functions: make each forbidden one fail loudly."""
+    if training:
+        monkeypatch.setattr(train, "run", forbid(monkeypatch, "training"))
+        monkeypatch.setattr(train, "resume", forbid(monkeypatch, "training"))
+    if evaluation:
+        monkeypatch.setattr(evaluate, "run", forbid(monkeypatch, "evaluation"))
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +97,7 @@ def test_second_invocation_only_rebuilds_report(finished, monkeypatch):
     before = (out / "report.md").read_text()
     (out / "report.md").unlink()
     (out / "report.json").unlink()
-    monkeypatch.setattr(train, "main", forbid(monkeypatch, "training"))
-    monkeypatch.setattr(evaluate, "main", forbid(monkeypatch, "evaluation"))
+    forbid_stages(monkeypatch)
     reproduce.main(["--preset", micro_preset(tmp), "--out", str(out)])
     assert (out / "report.md").read_text() == before
     assert (out / "report.json").is_file()
@@ -102,18 +110,19 @@ def test_resume_and_reevaluate(finished, tmp_path, monkeypatch):
     copy = tmp_path / "report"
     shutil.copytree(out, copy)
     (copy / "runs" / CELLS[1] / "summary.json").unlink()
-    calls, real_train = [], train.main
+    calls, real_resume = [], train.resume
 
-    def spy(argv):
-        calls.append(argv)
-        return real_train(argv)
-    monkeypatch.setattr(train, "main", spy)
+    def spy(run_dir, *a, **k):
+        calls.append(run_dir)
+        return real_resume(run_dir, *a, **k)
+    monkeypatch.setattr(train, "resume", spy)
+    monkeypatch.setattr(train, "run", forbid(monkeypatch, "a fresh start"))
     later = time.time() + 5
     os.utime(copy / "runs" / CELLS[1] / "best.pt", (later, later))
-    evals, real_eval = [], evaluate.main
-    monkeypatch.setattr(evaluate, "main", lambda argv: evals.append(argv) or real_eval(argv))
+    evals, real_eval = [], evaluate.run
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: evals.append(a) or real_eval(*a, **k))
     reproduce.main(["--preset", micro_preset(tmp), "--out", str(copy)])
-    assert calls == [["--resume", str(copy / "runs" / CELLS[1]), "--no-progress"]]
+    assert calls == [copy / "runs" / CELLS[1]]
     assert (copy / "runs" / CELLS[1] / "summary.json").is_file()
     assert len(evals) == 1  # best.pt newer than metrics.json: evaluated again
     assert (copy / "report.md").is_file()
@@ -123,10 +132,14 @@ def test_eval_cache_rules(finished):
     tmp, out, _ = finished
     ev = out / "eval" / "shapes" / "seed0"
     runs = [out / "runs" / c for c in CELLS]
-    argv = json.loads((ev / "reproduce_eval.json").read_text())["argv"]
-    assert reproduce.eval_cached(ev, runs, argv)
-    assert not reproduce.eval_cached(ev, runs, argv + ["--restarts", "2"])  # other settings
-    assert not reproduce.eval_cached(ev, runs + [out / "runs" / "missing"], argv)
+    from dataclasses import replace
+    config = reproduce.eval_config(reproduce.load_matrix(micro_preset(tmp)))
+    key = reproduce.eval_key(config, runs, None)
+    assert json.loads((ev / "reproduce_eval.json").read_text())["key"] == key
+    assert reproduce.eval_cached(ev, runs, key)
+    other = reproduce.eval_key(replace(config, restarts=2), runs, None)
+    assert not reproduce.eval_cached(ev, runs, other)  # other settings
+    assert not reproduce.eval_cached(ev, runs + [out / "runs" / "missing"], key)
 
 
 def test_print_commands(tmp_path, capsys, finished):
@@ -139,9 +152,10 @@ def test_print_commands(tmp_path, capsys, finished):
     for line, cell in zip(lines, CELLS):
         words = shlex.split(line)
         assert words[:3] == ["python", "-m", "aerl_fast.train"]
-        cfg, resume, _ = parse_config(words[3:])  # a valid aerl_fast.train command line
-        assert resume is None
-        assert cfg.out == str((out / "runs" / cell).resolve())
+        train_values, option_values, train_preset, resume = parse(words[3:])  # a valid aerl_fast.train command line
+        assert resume is None and train_preset is None
+        cfg, options = configs_from_args(train_values, option_values, train_preset)
+        assert options.out == str((out / "runs" / cell).resolve())
         assert (cfg.objective, cfg.model, cfg.width, cfg.seed, cfg.epochs, cfg.train_subset) == \
             (cell.split("-")[2], "alicnn", 0.25, 0, 1, 400)
     # a finished matrix has nothing left to print
@@ -174,7 +188,7 @@ def test_print_commands_into_a_closed_pipe_is_quiet(tmp_path):
     ({"seeds": []}, "'seeds' must be a non-empty list"),
 ])
 def test_bad_preset_fails_before_training(tmp_path, capsys, monkeypatch, changes, match):
-    monkeypatch.setattr(train, "main", forbid(monkeypatch))
+    forbid_stages(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         reproduce.main(["--preset", micro_preset(tmp_path, **changes), "--out", str(out)])
@@ -186,7 +200,7 @@ def test_bad_preset_fails_before_training(tmp_path, capsys, monkeypatch, changes
 
 def test_missing_dataset_fails_before_training(tmp_path, capsys, monkeypatch):
     """The shapes cells come first, yet nothing trains: the cifar10 cell's data is missing."""
-    monkeypatch.setattr(train, "main", forbid(monkeypatch))
+    forbid_stages(monkeypatch)
     missing = tmp_path / "no-cifar-here"
     preset = micro_preset(tmp_path, datasets=["shapes", {"name": "cifar10", "data_dir": str(missing)}])
     out = tmp_path / "out"
@@ -263,10 +277,15 @@ def test_accuracy_over_epochs(with_curves):
         assert 0 <= r["clean_acc"] <= 1 and 0 <= r["pgd_l2_acc"] <= r["clean_acc"] and r["n_test"] == 64
         assert r["ratio"] == pytest.approx(r["pgd_l2_acc"] / r["clean_acc"])
     assert data["settings"]["eps"] == 1.0 and data["settings"]["steps"] == 3
-    # the last epoch's clean accuracy, computed independently of reproduce/evaluate
+    # the last epoch's clean accuracy, computed independently of reproduce/evaluate on the test images
+    # the evaluation recorded (a stratified subset: 64 of the 2000, every class)
+    subset = json.loads((ev / "metrics.json").read_text())["test_subset"]["shapes"]
+    idx = subset["indices"]
+    assert subset["n"] == 64 and subset["of"] == 2000 and len(set(idx)) == 64
     x, y, _ = aerl_fast.load_dataset("shapes", None, "test")
-    xb = torch.from_numpy(x[:64].copy()).permute(0, 3, 1, 2).float() / 255
-    yb = torch.from_numpy(y[:64].copy()).long()
+    assert len(set(y[idx].tolist())) == 10
+    xb = torch.from_numpy(x[idx].copy()).permute(0, 3, 1, 2).float() / 255
+    yb = torch.from_numpy(y[idx].copy()).long()
     for cell in CELLS:
         model = aerl_fast.load_model(out / "runs" / cell / "epoch_0002.pt")
         with torch.no_grad():
@@ -284,23 +303,23 @@ def test_accuracy_over_epochs_is_cached(with_curves, tmp_path, monkeypatch):
     preset, out, _ = with_curves
     ev = out / "eval" / "shapes" / "seed0"
     before = (ev / "curves.json").read_text()
-    monkeypatch.setattr(train, "main", forbid(monkeypatch, "training"))
-    real_main = evaluate.main
-    monkeypatch.setattr(evaluate, "main", forbid(monkeypatch, "evaluation"))
-    real_eval = reproduce.eval_checkpoint
-    monkeypatch.setattr(reproduce, "eval_checkpoint", forbid(monkeypatch, "curve evaluation"))
+    forbid_stages(monkeypatch, evaluation=False)
+    real_run = evaluate.run
+    monkeypatch.setattr(evaluate, "run", forbid(monkeypatch, "evaluation"))
+    real_eval = reproduce.evaluation.eval_checkpoint
+    monkeypatch.setattr(reproduce.evaluation, "eval_checkpoint", forbid(monkeypatch, "curve evaluation"))
     reproduce.main(["--preset", preset, "--out", str(out)])
     assert (ev / "curves.json").read_text() == before
     # a rewritten checkpoint (new mtime) is evaluated again, and only that one (the copy's other
     # folder names make the main evaluation run again: allowed here)
-    monkeypatch.setattr(evaluate, "main", real_main)
+    monkeypatch.setattr(evaluate, "run", real_run)
     copy = tmp_path / "report"
     shutil.copytree(out, copy)
     ckpt = copy / "runs" / CELLS[0] / "epoch_0001.pt"
     later = time.time() + 5
     os.utime(ckpt, (later, later))
     seen = []
-    monkeypatch.setattr(reproduce, "eval_checkpoint", lambda p, *a: seen.append(p) or real_eval(p, *a))
+    monkeypatch.setattr(reproduce.evaluation, "eval_checkpoint", lambda p, *a: seen.append(p) or real_eval(p, *a))
     reproduce.main(["--preset", preset, "--out", str(copy)])
     assert seen == [ckpt]
     assert json.loads((copy / "eval" / "shapes" / "seed0" / "curves.json").read_text())["checkpoints"] \
@@ -320,12 +339,18 @@ def test_a_cell_another_process_trains_is_left_to_it_then_waited_for(tmp_path, m
     runs.mkdir()
     trained = []
 
-    def fake_train(argv):
-        run_dir = Path(argv[argv.index("--out") + 1] if "--out" in argv else argv[argv.index("--resume") + 1])
-        trained.append(run_dir.name)
+    def finished(run_dir, cfg):
+        """A run folder as a finished training leaves it (what reproduce looks at)."""
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
+        (run_dir / "last.pt").write_bytes(b"")
         (run_dir / "summary.json").write_text("{}")
-    monkeypatch.setattr(train, "main", fake_train)
+
+    def fake_run(config, options, log=None):
+        trained.append(Path(options.out).name)
+        finished(Path(options.out), config)
+    monkeypatch.setattr(train, "run", fake_run)
+    monkeypatch.setattr(train, "resume", forbid(monkeypatch, "a resume"))
 
     held = open(runs / f".{cells[0].name}.lock", "a")  # "the other process": its own open file
     fcntl.flock(held, fcntl.LOCK_EX)
@@ -333,8 +358,7 @@ def test_a_cell_another_process_trains_is_left_to_it_then_waited_for(tmp_path, m
 
     def other_process_ends():
         if other_finishes:
-            (runs / cells[0].name).mkdir()
-            (runs / cells[0].name / "summary.json").write_text("{}")
+            finished(runs / cells[0].name, cells[0].config)
         fcntl.flock(held, fcntl.LOCK_UN)
         held.close()
     timer = threading.Timer(1.0, other_process_ends)

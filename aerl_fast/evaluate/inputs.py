@@ -150,12 +150,12 @@ def check_images(x: torch.Tensor, what: str = "images") -> None:
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise UserError(f"{what} hold NaN or infinite values")
     lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+    if lo < 0.0:  # first: normalised images also exceed 1.5
+        raise UserError(f"{what} go down to {lo:g}: normalised images? pass images in [0, 1] and put the "
+                        "normalisation inside the model (aerl_fast.models.Normalize(mean, std) as its first layer)")
     if hi > 1.5:
         raise UserError(f"{what} range up to {hi:g}: pixel values in 0..255? divide by 255 (attacks and their "
                         "radii work on images in [0, 1])")
-    if lo < 0.0:
-        raise UserError(f"{what} go down to {lo:g}: normalised images? pass images in [0, 1] and put the "
-                        "normalisation inside the model (aerl_fast.models.Normalize(mean, std) as its first layer)")
     if hi > 1.0:
         raise UserError(f"{what} range up to {hi:g}, above 1: images must lie in [0, 1]")
 

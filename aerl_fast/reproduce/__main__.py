@@ -1,0 +1,3 @@
+from aerl_fast.reproduce.cli import main
+
+main()
