@@ -66,7 +66,7 @@ def study_rl_update(model, opt, x, y, eps=0.1, adv=False, adv_eps=0.01, beta=1.0
     """The study's agent update, as its code does it (python exploration coin per batch,
     softmax + 1e-6 renormalised, isnan check with a host sync: one forward, one backward; RL-adv:
     a forward/backward for the FGSM gradient, clean and adversarial forwards again, and a no-grad
-    forward for its accuracy — four forwards, two backwards, as BRIEF.md §3 counts them)."""
+    forward for its accuracy — four forwards, two backwards, as counted on our CPU machines)."""
     def pg_loss(logits):
         probs = F.softmax(logits, dim=1) + 1e-6
         probs = probs / probs.sum(1, keepdim=True)

@@ -33,7 +33,7 @@ def run_gradient_attack(model, x, y, clean_ok, attack: str, norm: str, eps_list:
         xb, yb = x.index_select(0, s), y.index_select(0, s)
         # a single ε stays a float: no per-sample tensors, no host sync in the update
         eps_b = float(eps_list[0]) if K == 1 else eps_vals[k]
-        step_b = float(step_vals[0]) if K == 1 else step_vals[k]
+        step_b = float(config.step_for(eps_list[0])) if K == 1 else step_vals[k]  # not via float32: step == ε stays so
         if single:
             res = fgsm(model, xb, yb, eps=eps_b, norm=norm, clamp=config.clamp, loss=config.loss,
                        return_result=True)

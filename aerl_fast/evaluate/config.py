@@ -97,6 +97,9 @@ class EvalConfig:
 
     # -- checks and derived values ------------------------------------------------------------
     def validate(self) -> "EvalConfig":
+        # names as AutoAttack and torchattacks write them (Linf, L2, PGD-L2) are accepted
+        object.__setattr__(self, "aa_norm", str(self.aa_norm).lower())
+        object.__setattr__(self, "attacks", tuple(str(a).lower() for a in self.attacks))
         check(self)
         if not self.attacks:
             raise ConfigError("--attack: give at least one attack")

@@ -1,7 +1,7 @@
 """Independent float64 formulas the kernels and the torch reference are checked against, and the
 study's own formulation (bench/bench_kernels.py imports it so tests and benchmarks agree).
 
-Written from the definitions in BRIEF.md §1, not by calling aerl_fast.kernels.
+Written from the definitions in kernels/pg_loss.py's docstring (the study's loss), not by calling aerl_fast.kernels.
 """
 import random
 
