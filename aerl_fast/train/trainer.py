@@ -182,14 +182,18 @@ class Trainer:
         loss = (self.progress["loss"] / seen).item()
         params = [p.detach() for p in self.model.parameters()]
         weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
-        if math.isfinite(loss) and weights_ok:
-            return
-        what = f"loss {loss}" if not math.isfinite(loss) else "non-finite weights"
+        if not math.isfinite(loss):
+            self.diverged(f"loss {loss}", where)
+        if not weights_ok:
+            self.diverged("non-finite weights", where)
+
+    def diverged(self, what: str, where: str):
+        kept = (f"the last good checkpoint is kept in {self.run_dir}"
+                if (self.run_dir / "last.pt").exists() else "no checkpoint was written yet")
         raise DivergedError(
-            f"training diverged: {what} at epoch {self.epoch + 1} step {self.step} ({where}); the last good "
-            f"checkpoint is kept in {self.run_dir}. Likely cause: the learning rate ({self.cfg.lr:g}) is too high "
-            f"for this objective and batch size; continue with a lower one: python -m aerl_fast.train --resume "
-            f"{self.run_dir} --lr {self.cfg.lr / 10:g}")
+            f"training diverged: {what} at epoch {self.epoch + 1} step {self.step} ({where}); {kept}. Likely cause: the "
+            f"learning rate ({self.cfg.lr:g}) is too high for this objective and batch size; continue with a lower one: "
+            f"python -m aerl_fast.train --resume {self.run_dir} --lr {self.cfg.lr / 10:g}")
 
     def save(self, *names):
         """Write the current state under each of `names` (default last.pt), gathered once, after the
@@ -210,9 +214,10 @@ class Trainer:
         try:
             out = train_step(self.forward_model, x, y, self.objective, adv_active=adv_active,
                              generator=self.explore_gen, autocast=self.autocast)
-        except RuntimeError as exc:  # e.g. sampling actions from a NaN policy
-            if "nan" in str(exc).lower() or "inf" in str(exc).lower():
-                self.check_finite(f"the objective failed: {str(exc).splitlines()[0]}")
+        except RuntimeError as exc:  # e.g. sampling actions from a policy whose logits overflowed
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "nan" in text.lower() or "inf" in text.lower():
+                self.diverged("non-finite logits", f"the objective failed: {text}")
             raise
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
