@@ -28,9 +28,9 @@ from baselines import record  # noqa: E402
 from kernel_refs import study_pg_loss  # noqa: E402
 
 import aerl_fast.kernels as K  # noqa: E402
+from aerl_fast.kernels import pgd_update as PM  # noqa: E402
 from aerl_fast.kernels.pg_loss import eps_greedy_pg_loss_fused  # noqa: E402
 
-PM = sys.modules["aerl_fast.kernels.pgd_step"]  # the module; K.pgd_step is the function
 
 
 EPS, FLOOR = 0.1, 1e-6  # the study's exploration rate and probability floor

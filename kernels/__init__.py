@@ -21,9 +21,9 @@ import os
 import torch
 
 from . import pg_loss as _pg
-from . import pgd_step as _pgd
+from . import pgd_update as _pgd
 from .pg_loss import PGLoss, check_pg_inputs, eps_greedy_pg_loss_reference
-from .pgd_step import check_pgd_inputs, per_sample, pgd_step_reference
+from .pgd_update import check_pgd_inputs, per_sample, pgd_step_reference
 
 _log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def eps_greedy_pg_loss(logits, labels, epsilon, *, explore="sample", prob_floor=
 
 
 def pgd_step(x_adv, x0, grad, step, eps, norm="linf", clamp=(0.0, 1.0), validate=True):
-    """One in-place PGD update with per-sample step/ε (floats or [B] tensors); see `pgd_step.py`.
+    """One in-place PGD update with per-sample step/ε (floats or [B] tensors); see `pgd_update.py`.
     Returns `x_adv`.  `validate=False` skips reading tensor step/ε for negatives (a host sync on
     CUDA each call): for attack loops that checked them once up front."""
     if not _use_triton("pgd_step", getattr(x_adv, "device", torch.device("cpu"))):

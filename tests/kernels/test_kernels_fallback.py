@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(r"""
     import torch
     import aerl_fast.kernels as K
     from aerl_fast.kernels import pg_loss as P
-    PM = sys.modules["aerl_fast.kernels.pgd_step"]
+    import aerl_fast.kernels.pgd_update as PM
     res = {"backend": K.backend("cpu"), "triton_cpu": P.triton_enabled("cpu")}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 12, generator=g, requires_grad=True)

@@ -1,18 +1,14 @@
 """The fused PGD update against an independent float64 loop (`kernel_refs.pgd_f64`) and the torch
 reference, through the Triton interpreter on CPU (see conftest.py)."""
-import importlib
-
 import pytest
 import torch
 
 import aerl_fast.kernels as K
 from aerl_fast.kernels import pgd_step
-from aerl_fast.kernels.pgd_step import (_pgd_triton, pgd_step_op, pgd_step_reference,
-                                        triton_enabled)
+from aerl_fast.kernels import pgd_update as PM
+from aerl_fast.kernels.pgd_update import (_pgd_triton, pgd_step_op, pgd_step_reference,
+                                          triton_enabled)
 from kernel_refs import pgd_f64
-
-# the module (the package attribute `pgd_step` is the function of the same name)
-PM = importlib.import_module("aerl_fast.kernels.pgd_step")
 
 pytestmark = pytest.mark.skipif(
     not triton_enabled("cpu"),
