@@ -43,12 +43,26 @@ def _fmt(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def bench_rows(out: Path) -> list:
+def _benchmarks(out: Path) -> list:
     path = out / "bench.json"
-    if not path.is_file():
-        return []
+    return json.loads(path.read_text()).get("benchmarks", []) if path.is_file() else []
+
+
+def bench_figures(out: Path) -> dict:
+    """The figures the bench step measures: copy bandwidth and the CUDA trainer overhead."""
+    found = {}
+    for b in _benchmarks(out):
+        info = b.get("extra_info", {})
+        if b["group"].startswith("copy bandwidth") and "bytes_per_s" in info:
+            found["copy_bandwidth"] = {"value": round(info["bytes_per_s"] / 1e9), "unit": "GB/s"}
+        if b["group"] == "trainer overhead cuda" and "overhead_ratio" in info:
+            found["trainer_overhead_cuda"] = {"value": info["overhead_ratio"], "unit": "x"}
+    return found
+
+
+def bench_rows(out: Path) -> list:
     rows = []
-    for b in json.loads(path.read_text()).get("benchmarks", []):
+    for b in _benchmarks(out):
         info = b.get("extra_info", {})
         cpu = next((v for k, v in CPU_BENCH.items() if k in b["group"]), "-")
         traffic = "-"
@@ -73,7 +87,7 @@ def render(out: Path, mode: str) -> str:
     lines += [f"| {name} | {status} | {secs} | {budget} |" for name, status, secs, budget in read_steps(out)]
     lines += [f"| DALI GPU cases | {dali_status(mode, records)} | | |", "",
               "## Figures", "", "| figure | GPU | CPU | roofline estimate |", "|---|---|---|---|"]
-    measured = {f["key"]: f for r in records.values() for f in r.get("figures", [])}
+    measured = dict(bench_figures(out), **{f["key"]: f for r in records.values() for f in r.get("figures", [])})
     for row in ROWS:
         f = measured.get(row["key"])
         gpu = f"{_fmt(f['value'])} {f['unit']}".strip() if f else (NO_CUDA if mode != "gpu" else "not measured")
