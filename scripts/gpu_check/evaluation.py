@@ -9,8 +9,6 @@ then the AutoAttack-grade cascade through `python -m aerl_fast.evaluate --attack
 """
 from __future__ import annotations
 
-import argparse
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ import aerl_fast
 from aerl_fast.attacks import pgd
 from aerl_fast.models import build_model
 from aerl_fast.runtime import fast_eval_copy
-from gpu_check.record import NotRun, Skip, StepRecord
+from gpu_check.record import NotRun, Skip, StepRecord, step_args
 from gpu_check.throughput import run_dir
 
 
@@ -71,13 +69,7 @@ def aa_fast(out, folder, n, device, timeout) -> float:
 
 def main(argv=None):
     from pathlib import Path
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true", help="16 images, 3 steps (CPU tests)")
-    ap.add_argument("--budget", type=float, default=float(os.environ.get("STEP_BUDGET", 45)),
-                    help="seconds for this step (default: $STEP_BUDGET, set by gpu_check.sh)")
-    args = ap.parse_args(argv)
+    args = step_args(__doc__, argv, 45)
     end = time.monotonic() + args.budget - 3
     out, device = Path(args.out), torch.device(args.device)
     rec = StepRecord(out, "eval", str(device))

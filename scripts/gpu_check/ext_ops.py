@@ -11,13 +11,12 @@ otherwise).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 import torch
 
-from gpu_check.record import NotRun, StepRecord
+from gpu_check.record import NotRun, StepRecord, step_args
 
 
 def check_grad_stats_op(device, small):
@@ -79,11 +78,7 @@ def check_dali_loader(device, small):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true")
-    args = ap.parse_args(argv)
+    args = step_args(__doc__, argv)
     device = torch.device(args.device)
     rec = StepRecord(args.out, "ext", str(device))
     rec.check("grad_stats op on the device vs the CPU op, opcheck",

@@ -12,7 +12,6 @@ a second GPU both ops without set_device.  `--small --device cpu` runs the same 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -31,7 +30,7 @@ from kernel_refs import pg_loss_f64, pgd_f64  # noqa: E402
 
 import aerl_fast.kernels as K  # noqa: E402
 from gpu_check.figures import train_key  # noqa: E402
-from gpu_check.record import Skip, StepRecord  # noqa: E402
+from gpu_check.record import Skip, StepRecord, step_args  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -248,13 +247,7 @@ def check_no_fallback():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true", help="small sizes (CPU tests)")
-    ap.add_argument("--budget", type=float, default=float(os.environ.get("STEP_BUDGET", 85)),
-                    help="seconds for this step (default: $STEP_BUDGET, set by gpu_check.sh)")
-    args = ap.parse_args(argv)
+    args = step_args(__doc__, argv, 85)
     t0 = time.monotonic()
     device = torch.device(args.device)
     rec = StepRecord(args.out, "first", str(device))

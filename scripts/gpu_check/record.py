@@ -2,6 +2,7 @@
 step stopped over its time budget still leaves what it measured."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -72,3 +73,16 @@ def load_records(out) -> dict:
             found[path.stem] = {"step": path.stem, "checks": [], "figures": [],
                                 "notes": ["record unreadable (the step was stopped mid-write?)"]}
     return found
+
+
+def step_args(doc: str, argv=None, budget_s: float = 0.0) -> argparse.Namespace:
+    """A step's command line: --out, --device, --small and, for a step with a time budget,
+    --budget (default $STEP_BUDGET, which gpu_check.sh sets, else `budget_s`)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", required=True, help="the run's output folder ($OUT)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="small sizes (the CPU tests)")
+    if budget_s:
+        ap.add_argument("--budget", type=float, default=float(os.environ.get("STEP_BUDGET", budget_s)),
+                        help="seconds for this step")
+    return ap.parse_args(argv)

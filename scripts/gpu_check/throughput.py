@@ -9,8 +9,6 @@ the step's budget lasts; the rest are recorded as not run.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import json
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gpu_check.figures import TRAIN_MODES, train_key
-from gpu_check.record import NotRun, StepRecord
+from gpu_check.record import NotRun, StepRecord, step_args
 
 PLAN = [("cnn6", "rl", "eager fp32"), ("cnn6", "rl", "bf16"), ("alicnn", "rl", "eager fp32"),
         ("alicnn", "rl", "bf16"), ("cnn6", "rl-adv", "bf16"), ("alicnn", "rl-adv", "bf16"),
@@ -51,13 +49,7 @@ def train(model, objective, mode, device, out, timeout, small) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true", help="one tiny run (CPU tests)")
-    ap.add_argument("--budget", type=float, default=float(os.environ.get("STEP_BUDGET", 105)),
-                    help="seconds for this step (default: $STEP_BUDGET, set by gpu_check.sh)")
-    args = ap.parse_args(argv)
+    args = step_args(__doc__, argv, 105)
     end = time.monotonic() + args.budget - 3
     device = torch.device(args.device)
     rec = StepRecord(args.out, "train", str(device))
