@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aerl_fast.analysis import GradStatsTracker, grad_stats_backend
+from baselines import record
 
 
 B, D = 256, 3072
@@ -96,6 +97,39 @@ def test_extension(benchmark):
     op = torch.ops.aerl_fast.grad_stats
     _check_same(op(g, p), torch_vectorised(g, p))
     benchmark(op, g, p)
+
+
+needs_cuda_op = pytest.mark.skipif(not torch.cuda.is_available() or grad_stats_backend("cuda") != "extension",
+                                   reason="needs a CUDA device and aerl_fast._C built with CUDA")
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("D", [3072, 150528])
+@pytest.mark.parametrize("case", ["torch vectorised (baseline)", "extension"])
+def test_cuda(benchmark, D, case):
+    """One step's statistics on the GPU at CIFAR and ImageNet sizes; traffic = g and g_prev read once."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(B, D, generator=gen).cuda()
+    p = (0.6 * g + 0.4 * torch.randn(B, D, generator=gen).cuda())
+    op = torch.ops.aerl_fast.grad_stats
+    fn = torch_vectorised if case.startswith("torch") else op
+    _check_same(op(g, p), torch_vectorised(g, p))
+    group = f"grad_stats cuda B={B} D={D}"
+    benchmark.group = group
+    benchmark(lambda: (fn(g, p), torch.cuda.synchronize()))
+    record(benchmark, group, case, benchmark.stats.stats.median, "call", baseline=case.startswith("torch"),
+           fallback=lambda: _cuda_seconds(torch_vectorised, g, p))
+    benchmark.extra_info["bytes_per_s"] = 2 * g.numel() * 4 / benchmark.stats.stats.median
+
+
+def _cuda_seconds(fn, g, p, reps=20):
+    fn(g, p)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn(g, p)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
 
 
 def test_tracker_update(benchmark):

@@ -28,9 +28,9 @@ from baselines import record  # noqa: E402
 from kernel_refs import study_pg_loss  # noqa: E402
 
 import aerl_fast.kernels as K  # noqa: E402
+from aerl_fast.kernels import pgd_update as PM  # noqa: E402
 from aerl_fast.kernels.pg_loss import eps_greedy_pg_loss_fused  # noqa: E402
 
-PM = sys.modules["aerl_fast.kernels.pgd_step"]  # the module; K.pgd_step is the function
 
 
 EPS, FLOOR = 0.1, 1e-6  # the study's exploration rate and probability floor
@@ -131,12 +131,32 @@ def fused_step(logits, labels, gen):
     out.loss.backward()
 
 
+_COPY_BW = {}  # bytes/s of the device's copy_, measured in this run (test_gpu_copy_bandwidth)
+
+
+def _traffic(benchmark, bytes_moved: float):
+    """Store the achieved bytes/s, its share of the copy bandwidth and the roofline time
+    (bytes / copy bandwidth) of a GPU case whose median is known."""
+    seconds = benchmark.stats.stats.median
+    info = {"bytes_moved": round(bytes_moved), "bytes_per_s": bytes_moved / seconds}
+    if "cuda" in _COPY_BW:
+        info.update(copy_bw_share=info["bytes_per_s"] / _COPY_BW["cuda"],
+                    roofline_s=bytes_moved / _COPY_BW["cuda"])
+    benchmark.extra_info.update(info)
+    print(f"  traffic {info['bytes_per_s'] / 1e9:.0f} GB/s" + (
+        f" = {100 * info['copy_bw_share']:.0f}% of copy_" if "copy_bw_share" in info else ""))
+
+
 def _loss_case(benchmark, B, C, device, name, step, baseline=False, dtype=torch.float32):
     logits, labels = _inputs(B, C, device, dtype)
     gen = torch.Generator(device=device).manual_seed(1)
+    # the fused op draws from a CPU generator, as the trainer's exploration stream does
+    own = torch.Generator().manual_seed(1) if step is fused_step else gen
     group = f"pg_loss fwd+bwd {device.split(':')[0]} {str(dtype)[6:]} B={B} C={C}"
     _BASELINE_FN.setdefault(group, lambda: study_step(logits, labels, gen))
-    _run(benchmark, group, name, lambda: step(logits, labels, gen), device, baseline)
+    _run(benchmark, group, name, lambda: step(logits, labels, own), device, baseline)
+    if device.startswith("cuda"):  # bytes counted on the CPU at the op boundary, per row
+        _traffic(benchmark, count_bytes_per_row(step, min(B, 64), C, dtype)[0] * B)
 
 
 @pytest.mark.parametrize("B,C", CPU_SHAPES)
@@ -157,6 +177,19 @@ def test_cpu_loss_dispatch(benchmark, B, C):
 
 
 GPU_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+@no_gpu
+def test_gpu_copy_bandwidth(benchmark):
+    """The device's copy bandwidth (1 GiB copy_, read + write counted), the yardstick of every
+    GPU case's traffic below; measured first in the run."""
+    src = torch.empty(2 ** 28, device="cuda")
+    dst = torch.empty_like(src)
+    benchmark.group = "copy bandwidth cuda"
+    benchmark.pedantic(lambda: (dst.copy_(src), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)
+    _COPY_BW["cuda"] = 2 * src.numel() * 4 / benchmark.stats.stats.median
+    benchmark.extra_info["bytes_per_s"] = _COPY_BW["cuda"]
+    print(f"\n[copy bandwidth] {_COPY_BW['cuda'] / 1e9:.0f} GB/s")
 
 
 @no_gpu
@@ -206,6 +239,10 @@ def _pgd_case(benchmark, device, norm, name, fn, baseline=False):
     group = f"pgd_step {norm} {device.split(':')[0]} [256,3,32,32]"
     _BASELINE_FN.setdefault(group, lambda: torchattacks_style(x_adv, x0, grad, step, eps, norm))
     _run(benchmark, group, name, lambda: fn(x_adv, x0, grad, step, eps, norm), device, baseline)
+    if device.startswith("cuda"):  # image-sized passes: counted at the op boundary, except the
+        passes = 7 if (fn is _fused_pgd and norm == "l2") else None  # fused L2 reads inputs twice
+        per_sample = passes * x0[0].numel() * 4 if passes else pgd_bytes_per_sample(fn, norm)[0]
+        _traffic(benchmark, per_sample * x0.shape[0])
 
 
 def _reference_pgd(x_adv, x0, grad, step, eps, norm):
@@ -311,23 +348,26 @@ def test_bytes_per_row_table(benchmark):
         assert r["fused"][0] < r["reference"][0] and r["fused"][0] < r["study"][0]
 
 
-def test_pgd_bytes_per_sample_table(benchmark):
-    """A count, not a timing: bytes moved per sample by one PGD update, [3, 32, 32] fp32 images."""
+def pgd_bytes_per_sample(fn, norm, B=16):
+    """Bytes one PGD update moves per [3, 32, 32] fp32 sample, counted on the CPU at the op boundary."""
     g = torch.Generator().manual_seed(0)
-    B = 16
     x0 = torch.rand(B, 3, 32, 32, generator=g)
     grad = torch.randn(B, 3, 32, 32, generator=g)
+    eps = 8 / 255 if norm == "linf" else 1.0
+    with _ByteCounter() as c:
+        fn(x0.clone(), x0, grad, eps / 4, eps, norm)
+    return c.bytes / B, c.ops
+
+
+def test_pgd_bytes_per_sample_table(benchmark):
+    """A count, not a timing: bytes moved per sample by one PGD update, [3, 32, 32] fp32 images."""
     res = {}
 
     def count():
         for norm in ("linf", "l2"):
-            eps = 8 / 255 if norm == "linf" else 1.0
             for name, fn in (("torchattacks-style", torchattacks_style), ("reference", _reference_pgd),
                              ("fused", _fused_pgd)):
-                x_adv = x0.clone()
-                with _ByteCounter() as c:
-                    fn(x_adv, x0, grad, eps / 4, eps, norm)
-                res[norm, name] = (c.bytes / B, c.ops)
+                res[norm, name] = pgd_bytes_per_sample(fn, norm)
     benchmark.group = "PGD bytes moved per sample (a count)"
     benchmark.pedantic(count, rounds=1, iterations=1)
     benchmark.extra_info["bytes_per_sample"] = {f"{n} {k}": round(v[0]) for (n, k), v in res.items()}

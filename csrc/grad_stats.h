@@ -2,7 +2,7 @@
 //
 // grad_stats(g [B, D], g_prev [B, D] or None) -> (norm [B], cos [B], sign_agree [B], mean_dir [D])
 //
-// Conventions (the Python fallback in aerl_fast/analysis/grad_stats.py follows the same ones):
+// Conventions (the Python fallback in aerl_fast/analysis/gradient_stats.py follows the same ones):
 //   norm_i       = ||g_i||_2.
 //   cos_i        = <g_i, p_i> / (||g_i|| ||p_i||), clamped to [-1, 1]; 0 when either norm is 0;
 //                  NaN on the first step (g_prev None): there is no previous direction.

@@ -1,7 +1,7 @@
 // Operator registration: torch.ops.aerl_fast.grad_stats and torch.ops.aerl_fast.augment_gather,
 // visible to the dispatcher and so to torch.compile. Python-free, so that the CMake build links it
 // into plain libtorch programs. grad_stats' fake (meta) kernel is registered from Python
-// (aerl_fast/analysis/grad_stats.py), which is what torch.compile and torch.library.opcheck need
+// (aerl_fast/analysis/gradient_stats.py), which is what torch.compile and torch.library.opcheck need
 // for shape propagation; augment_gather is the CPU loader's eager batch and has none.
 #include <torch/library.h>
 
@@ -21,7 +21,7 @@ bool cuda_compiled() {
 }  // namespace aerl_fast
 
 TORCH_LIBRARY(aerl_fast, m) {
-  m.set_python_module("aerl_fast.analysis.grad_stats");
+  m.set_python_module("aerl_fast.analysis.gradient_stats");
   m.def(
       "grad_stats(Tensor g, Tensor? g_prev) -> "
       "(Tensor norm, Tensor cos, Tensor sign_agree, Tensor mean_dir)");

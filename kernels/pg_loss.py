@@ -23,6 +23,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .device import launch_device
+
 REDUCTIONS = ("mean", "sum", "none")
 EXPLORE_MODES = ("sample", "batch")
 
@@ -83,10 +85,20 @@ def check_pg_inputs(logits, labels, epsilon, explore, prob_floor, reduction, act
     return eps
 
 
+def host_draw(generator: torch.Generator) -> int:
+    """One 62-bit integer from `generator`: the whole draw of an op from a generator of another
+    device (a CPU generator costs no device RNG, copy or sync)."""
+    return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+
+
 def make_generator(device, seed=None, generator=None) -> Optional[torch.Generator]:
-    """The generator to draw from: the one given, a fresh one from `seed`, or None (global RNG)."""
+    """The generator to draw from: the one given, a fresh one from `seed`, or None (global RNG).
+    A generator of another device type (the trainer's CPU exploration stream for CUDA logits)
+    seeds a fresh generator on `device` with one draw, so the stream stays device-independent."""
     if generator is not None:
-        return generator
+        if generator.device.type == torch.device(device).type:
+            return generator
+        seed = host_draw(generator)
     if seed is None:
         return None
     g = torch.Generator(device=device)
@@ -351,12 +363,13 @@ def _pg_fwd_triton(logits, labels, actions, seed, epsilon, explore_batch, prob_f
     out = [torch.empty(B, dtype=torch.float32, device=dev) for _ in range(6)]
     out[1] = torch.empty(B, dtype=torch.int64, device=dev)
     has_actions = actions is not None
-    _pg_fwd_kernel[(triton.cdiv(B, rows),)](
-        logits, logits.stride(0), logits.stride(1), labels.contiguous(),
-        actions.contiguous() if has_actions else labels, seed,
-        *out, B, C, float(epsilon), float(prob_floor),
-        EXPLORE_BATCH=bool(explore_batch), HAS_FLOOR=prob_floor > 0, HAS_ACTIONS=has_actions,
-        ROWS=rows, BLOCK_C=block_c, num_warps=warps)
+    with launch_device(logits):
+        _pg_fwd_kernel[(triton.cdiv(B, rows),)](
+            logits, logits.stride(0), logits.stride(1), labels.contiguous(),
+            actions.contiguous() if has_actions else labels, seed,
+            *out, B, C, float(epsilon), float(prob_floor),
+            EXPLORE_BATCH=bool(explore_batch), HAS_FLOOR=prob_floor > 0, HAS_ACTIONS=has_actions,
+            ROWS=rows, BLOCK_C=block_c, num_warps=warps)
     return tuple(out)
 
 
@@ -364,9 +377,10 @@ def _pg_bwd_triton(grad_rows, logits, lse, actions, coef, block_c=0, rows=0):
     B, C = logits.shape
     block_c, rows, warps = _pg_launch_config(B, C, block_c, rows)
     grad = torch.empty((B, C), dtype=logits.dtype, device=logits.device)
-    _pg_bwd_kernel[(triton.cdiv(B, rows),)](
-        grad_rows.float().contiguous(), logits, logits.stride(0), logits.stride(1), lse, actions,
-        coef, grad, B, C, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
+    with launch_device(logits):
+        _pg_bwd_kernel[(triton.cdiv(B, rows),)](
+            grad_rows.float().contiguous(), logits, logits.stride(0), logits.stride(1), lse,
+            actions, coef, grad, B, C, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
     return grad
 
 
@@ -449,12 +463,15 @@ pg_loss_fwd_op.register_autograd(_pg_backward, setup_context=_pg_setup_context)
 def kernel_seed(device, seed=None, generator=None) -> torch.Tensor:
     """The kernel's Philox key as a 1-element int64 tensor on `device`: from `generator` (one draw,
     so the generator's state decides it reproducibly), from `seed`, or from the device's global RNG
-    (so torch.manual_seed governs it).  No host sync in the last two cases."""
-    if generator is not None:
+    (so torch.manual_seed governs it).  Host numbers become a device-side fill, not a copy: no host
+    sync on CUDA, whether the generator lives on the CPU (one host draw) or on the device."""
+    if generator is not None and torch.device(device).type == generator.device.type:
         return torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device,
-                             dtype=torch.int64).to(device)
+                             dtype=torch.int64).to(device)  # another GPU: a device-to-device copy
+    if generator is not None:
+        seed = host_draw(generator)
     if seed is not None:
-        return torch.tensor([int(seed) & (2 ** 63 - 1)], dtype=torch.int64, device=device)
+        return torch.full((1,), int(seed) & (2 ** 63 - 1), dtype=torch.int64, device=device)
     return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
 
 

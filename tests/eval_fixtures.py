@@ -147,11 +147,10 @@ try:
         read by the dispatcher on every call). Both restored afterwards.
         """
         import os
-        import sys
         before = torch.get_num_threads()
         torch.set_num_threads(1)
-        mod = sys.modules.get("aerl_fast.kernels.pgd_step")
-        forced = bool(getattr(mod, "INTERPRETED", False)) and "AERL_FAST_KERNELS" not in os.environ
+        from aerl_fast.kernels import pgd_update
+        forced = pgd_update.INTERPRETED and "AERL_FAST_KERNELS" not in os.environ
         if forced:
             os.environ["AERL_FAST_KERNELS"] = "reference"
         yield

@@ -12,7 +12,7 @@ import torch
 
 from aerl_fast import train as train_mod
 from aerl_fast.data.backends import choose_loader, make_loader
-from aerl_fast.data.dali import INSTALL_HINT, augment_params, dali_available
+from aerl_fast.data.dali import INSTALL_HINT, augment_params, dali_available, dali_wheel
 from aerl_fast.data.loader import Augment, DeviceLoader
 from aerl_fast.errors import ConfigError
 
@@ -202,6 +202,21 @@ def test_cpu_pipeline_never_touches_a_gpu(monkeypatch):
     assert choose_loader("auto", CPU, 10 ** 12, dali_ok=True, gpu_free_bytes=no_cuda).name == "tensor"
 
 
+@needs_dali
+def test_a_gpu_loader_draws_the_tensor_loaders_order_on_the_host(monkeypatch):
+    """The epoch order and augmentation of a CUDA-bound DALI loader come from CPU generators: the
+    tensor loader's on any device, and nothing asks CUDA for them."""
+    def no_cuda(*a, **k):
+        raise AssertionError("a CUDA call while drawing the order")
+    for name in ("current_device", "mem_get_info", "synchronize", "set_device", "manual_seed"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    x, y = _images(50)
+    loader = _dali(x, y, 8, augment=Augment(), seed=3, device=CUDA)
+    assert loader.pipeline_device == "gpu"
+    assert torch.equal(loader.host_order(1), DeviceLoader(x, y, 8, seed=3, device="meta").host_order(1))
+    assert torch.equal(loader.host_order(1), DeviceLoader(x, y, 8, seed=3).order(1))
+
+
 # --------------------------------------------------------------------------------- the choice
 
 def test_auto_on_cpu_is_tensor_whatever_is_installed():
@@ -228,7 +243,7 @@ def test_without_dali_auto_never_picks_it_and_dali_says_how_to_install(monkeypat
     assert choose_loader("auto", CUDA, 10 ** 15, gpu_free_bytes=lambda d: 10 ** 9).name == "tensor"
     with pytest.raises(ConfigError, match=r"pip install \"aerl_fast\[dali\]\""):
         choose_loader("dali", CPU, 10)
-    assert "nvidia-dali-cuda120" in INSTALL_HINT
+    assert dali_wheel() in INSTALL_HINT
     with pytest.raises(ImportError, match="aerl_fast\\[dali\\]"):
         _dali(*_images(4), 2)
 
@@ -279,3 +294,17 @@ def test_make_loader_builds_the_chosen_backend():
         from aerl_fast.data.dali import DaliLoader
         loader, choice = make_loader(TrainConfig(batch_size=16), x, y, CPU, loader="dali")
         assert isinstance(loader, DaliLoader) and len(loader) == 2 and loader.augment == Augment()
+
+
+def test_the_dali_extra_is_the_build_for_torchs_cuda(monkeypatch):
+    """pyproject's `dali` extra is what dali_wheel() names for the pinned torch (a CUDA 13 build),
+    and dali_wheel() follows torch's CUDA major."""
+    import tomllib
+    from pathlib import Path
+    extra = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]["dali"]
+    assert [req.split("==")[0] for req in extra] == ["nvidia-dali-cuda130"]
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert dali_wheel() == "nvidia-dali-cuda130"
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert dali_wheel() == "nvidia-dali-cuda120"

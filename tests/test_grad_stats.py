@@ -14,8 +14,7 @@ import torch
 
 from aerl_fast.analysis import (GradStatsTracker, grad_stats, grad_stats_backend,
                                 grad_stats_reference)
-
-gs_module = sys.modules["aerl_fast.analysis.grad_stats"]
+from aerl_fast.analysis import gradient_stats as gs_module
 HAS_EXT = grad_stats_backend("cpu") == "extension"
 needs_ext = pytest.mark.skipif(
     not HAS_EXT, reason="aerl_fast._C not in use (not built, or AERL_FAST_GRAD_STATS=torch)")

@@ -190,3 +190,47 @@ def test_fused_batch_rejects_bad_input_with_a_clear_error(change, match):
     kw.update(change)
     with pytest.raises(RuntimeError, match=match):
         FUSED(*kw.values())
+
+
+# ------------------------------------------ the same batches on every device (CPU generators)
+
+def _recorded_draws(monkeypatch):
+    """Wrap draw_augment: record the CPU draws every loader path takes (and check its generator
+    is a CPU one), then hand them on as the loader asked."""
+    import aerl_fast.data.loader as loader_mod
+    real, seen = loader_mod.draw_augment, []
+
+    def recording(b, h, w, aug, generator, device=None):
+        assert generator.device.type == "cpu"
+        out = real(b, h, w, aug, generator)
+        seen.append([t.clone() for t in out])
+        return out if device is None else tuple(t.to(device) for t in out)
+    monkeypatch.setattr(loader_mod, "draw_augment", recording)
+    return seen
+
+
+def test_order_and_augmentation_do_not_depend_on_the_device(monkeypatch):
+    """On "meta" (no data, no generator of its own: the old per-device generators failed there) the
+    loader draws exactly the CPU loader's permutation and augmentation parameters."""
+    x, y = _images(37, 12, 12)
+    seen = {}
+    for dev in ("cpu", "meta"):
+        seen[dev] = _recorded_draws(monkeypatch)
+        loader = DeviceLoader(x, y, 8, device=dev, augment=Augment(), seed=5)
+        batches = list(loader.epoch(2, start_step=1))
+        assert len(batches) == 4 and batches[0][0].device.type == dev
+        assert torch.equal(loader.host_order(2), DeviceLoader(x, y, 8, seed=5).order(2))
+        assert loader.order(2).device.type == dev
+        monkeypatch.undo()
+    assert len(seen["cpu"]) == len(seen["meta"]) == 4
+    for a, b in zip(seen["cpu"], seen["meta"]):
+        assert all(torch.equal(s, t) for s, t in zip(a, b))
+    assert not all(torch.equal(s, t) for s, t in zip(seen["cpu"][0], seen["cpu"][1]))  # per step
+
+
+def test_draw_augment_moves_cpu_draws_to_the_device():
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    on_cpu = draw_augment(9, 20, 20, Augment(), g1)
+    on_meta = draw_augment(9, 20, 20, Augment(), g2, device="meta")
+    assert all(t.device.type == "cpu" for t in on_cpu) and all(t.device.type == "meta" for t in on_meta)
+    assert torch.equal(g1.get_state(), g2.get_state())  # the same draws were taken

@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .grad_stats import GradStatsTracker
+from .gradient_stats import GradStatsTracker
 
 STAT_KEYS = ("norm", "cos", "sign_agree", "dispersion")
 

@@ -5,11 +5,12 @@
 
 Why it is built this way:
 - The batch order is DeviceLoader's counter-based permutation of (seed, epoch), and each batch's
-  augmentation parameters are drawn exactly as `augment_batch` draws them from (seed, epoch, step).
+  augmentation parameters are drawn exactly as `augment_batch` draws them from (seed, epoch, step),
+  both from CPU generators.
   DALI only executes them (flip, then a zero-padded slice for the translation, then the conversion
   to float); its own random operators are not used, because their state cannot be rewound to an
   arbitrary step.  So resuming at any (epoch, step) gives the batches an uninterrupted run sees, and
-  on the CPU the batches equal DeviceLoader's (tests/test_dali.py checks it).
+  the batches equal DeviceLoader's on any device (tests/test_dali.py checks it on the CPU).
 - The uint8 batch is gathered on the host and fed through `fn.external_source` (batch mode);
   flags and anchors go in as per-sample argument inputs, which DALI requires on the host.
   On CUDA the images move to the GPU (`.gpu()`) and the ops run there; elsewhere the pipeline is
@@ -30,8 +31,16 @@ import torch
 
 from aerl_fast.data.loader import Augment, EpochOrder, _seed, draw_augment
 
-INSTALL_HINT = ('DALI is not installed: pip install "aerl_fast[dali]" '
-                "(or pip install nvidia-dali-cuda120==2.4.0)")
+
+def dali_wheel() -> str:
+    """The DALI package built for this torch's CUDA major (DALI publishes one per major: cuda120,
+    cuda130); a CPU-only torch gets the CUDA 13 one, whose CPU pipelines need no GPU."""
+    major = (torch.version.cuda or "13").split(".")[0]
+    return f"nvidia-dali-cuda{major}0"
+
+
+INSTALL_HINT = (f'DALI is not installed: pip install "aerl_fast[dali]" (the CUDA 13 build), or '
+                f"pip install {dali_wheel()} (the build for this torch's CUDA)")
 
 
 def dali_available() -> bool:
@@ -90,7 +99,6 @@ class DaliLoader(EpochOrder):
         self.seed, self.channels_last = int(seed), channels_last
         self.num_threads, self.prefetch = int(num_threads), int(prefetch)
         self.pipeline_device = "gpu" if self.device.type == "cuda" else "cpu"
-        self._order_gen = torch.Generator(device=self.device)
         self._aug_gen = torch.Generator()  # argument inputs live on the host, whatever the device
 
     @property
@@ -141,7 +149,7 @@ class DaliLoader(EpochOrder):
         steps = len(self)
         if start_step >= steps:
             return
-        order = self.order(epoch).cpu().numpy()  # one host copy per epoch
+        order = self.host_order(epoch).numpy()
         h, w = self.images.shape[1:3]
         state = {"step": start_step}
 

@@ -4,7 +4,10 @@ in one C++ pass (torch.ops.aerl_fast.augment_gather, bit for bit the torch defin
 
 Randomness is counter-based: the epoch's permutation depends on (seed, epoch) and each batch's
 augmentation on (seed, epoch, step).  Resuming at any (epoch, step) therefore reproduces exactly
-the batches an uninterrupted run would have seen, with no generator state to carry around.
+the batches an uninterrupted run would have seen, with no generator state to carry around.  Both
+are drawn from CPU generators and then moved to the device (CPU and CUDA generators give different
+numbers for one seed): every device and every loader backend sees the same batches, so a run may
+resume on another device or with another loader.
 """
 from __future__ import annotations
 
@@ -50,19 +53,22 @@ def _seed(*keys: int) -> int:
 
 def draw_augment(b: int, h: int, w: int, aug: Augment, generator: torch.Generator, device=None):
     """Per-sample (shift_y, shift_x, vflip, hflip) of one batch of [b] tensors (int64, int64, bool,
-    bool), drawn from `generator` in one fixed order; every loader backend draws here, so all see the
-    same augmentations.  A sample is flipped, then moved by (shift_y, shift_x) pixels (down/right for
+    bool), drawn from `generator` (the loaders' is a CPU one) in one fixed order, then moved to
+    `device` without a host sync; every loader backend draws here, so all see the same
+    augmentations.  A sample is flipped, then moved by (shift_y, shift_x) pixels (down/right for
     positive shifts): output pixel (r, q) comes from (r - shift_y, q - shift_x) of the flipped image."""
-    device = generator.device if device is None else device
+    where = generator.device
     my, mx = aug.margins(h, w)
-    ty = tx = torch.zeros(b, dtype=torch.int64, device=device)
+    ty = tx = torch.zeros(b, dtype=torch.int64, device=where)
     if my or mx:
-        ty = torch.randint(-my, my + 1, (b,), device=device, generator=generator)
-        tx = torch.randint(-mx, mx + 1, (b,), device=device, generator=generator)
-    no = torch.zeros(b, dtype=torch.bool, device=device)
-    vf = (torch.rand(b, device=device, generator=generator) < 0.5) if aug.vflip else no
-    hf = (torch.rand(b, device=device, generator=generator) < 0.5) if aug.hflip else no
-    return ty, tx, vf, hf
+        ty = torch.randint(-my, my + 1, (b,), device=where, generator=generator)
+        tx = torch.randint(-mx, mx + 1, (b,), device=where, generator=generator)
+    no = torch.zeros(b, dtype=torch.bool, device=where)
+    vf = (torch.rand(b, device=where, generator=generator) < 0.5) if aug.vflip else no
+    hf = (torch.rand(b, device=where, generator=generator) < 0.5) if aug.hflip else no
+    if device is None or torch.device(device) == where:
+        return ty, tx, vf, hf
+    return tuple(t.to(device, non_blocking=True) for t in (ty, tx, vf, hf))
 
 
 def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
@@ -106,8 +112,8 @@ def fused_augment_op():
 
 class EpochOrder:
     """What every loader backend shares: epoch length and the (seed, epoch) permutation, drawn on
-    the training device.  Subclasses set images (first dim = samples), batch_size, shuffle,
-    drop_last, seed, device and _order_gen (a generator on device)."""
+    the CPU whatever the training device.  Subclasses set images (first dim = samples),
+    batch_size, shuffle, drop_last, seed and device."""
 
     def __len__(self) -> int:
         n = self.images.shape[0]
@@ -117,12 +123,16 @@ class EpochOrder:
     def num_samples(self) -> int:
         return self.images.shape[0]
 
-    def order(self, epoch: int) -> torch.Tensor:
+    def host_order(self, epoch: int) -> torch.Tensor:
+        """The sample order of `epoch` as a CPU tensor (the same on every device)."""
         n = self.images.shape[0]
         if not self.shuffle:
-            return torch.arange(n, device=self.device)
-        self._order_gen.manual_seed(_seed(self.seed, epoch))
-        return torch.randperm(n, device=self.device, generator=self._order_gen)
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """host_order on the training device (one copy per epoch, no host sync)."""
+        return self.host_order(epoch).to(self.device, non_blocking=True)
 
 
 class DeviceLoader(EpochOrder):
@@ -149,8 +159,7 @@ class DeviceLoader(EpochOrder):
         self.batch_size = int(batch_size)
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.seed, self.channels_last = int(seed), channels_last
-        self._gen = torch.Generator(device=self.device)        # augmentation draws
-        self._order_gen = torch.Generator(device=self.device)  # epoch permutations
+        self._gen = torch.Generator()  # augmentation draws, on the CPU (see the module docstring)
         # the C++ one-pass batch on the CPU (zero fill only); the torch gather elsewhere
         zero_fill = augment is None or augment.pad_mode == "zeros"
         self.fused = fused_augment_op() if self.device.type == "cpu" and zero_fill else None

@@ -82,6 +82,8 @@ def run(models: Sequence, data=None, config: Optional[EvalConfig] = None, option
     if config.masking:
         analyses.run_masking(entries, results, sets, out.transfer, config, log)
     out.seconds = time.perf_counter() - t_start
+    from aerl_fast import kernels  # noqa: PLC0415
+    out.environment["kernel_fallbacks"] = kernels.fallbacks()  # a broken GPU path is never hidden
     return out
 
 

@@ -40,6 +40,7 @@ class RunSummary:
     loader: str
     run_dir: str
     world_size: Optional[int] = None
+    kernel_fallbacks: list = field(default_factory=list)  # fused ops that fell back to their reference
     extra: dict = field(default_factory=dict)  # keys of summary.json this version does not name
 
     @classmethod

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from aerl_fast import distributed as distmod
-from aerl_fast import runtime
+from aerl_fast import kernels, rng_state, runtime
 from aerl_fast.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
 from aerl_fast.config import RunOptions, TrainConfig
 from aerl_fast.data.backends import make_loader
@@ -94,8 +94,7 @@ class Trainer:
                f"images per process per step" if dist.enabled else ""))
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.device, len(self.loader))
         self.objective = cfg.objective_config()
-        self.explore_gen = torch.Generator(device=self.device)
-        self.explore_gen.manual_seed(cfg.seed + 7919 + dist.rank * distmod.RANK_PRIME)  # per-rank ε-greedy draws
+        self.explore_gen = rng_state.exploration_generator(cfg.seed, dist.rank)  # per-rank ε-greedy draws, CPU
         self.epoch, self.step, self.best_val = 0, 0, -1.0
         self.progress = self._empty_progress()
         if resume_state is not None:
@@ -107,10 +106,7 @@ class Trainer:
         return {"loss": z(), "loss_adv": z(), "correct": z(), "reward": z(), "seen": 0, "train_s": 0.0}
 
     def _rng_state(self) -> dict:
-        rng = {"cpu": torch.get_rng_state(), "explore": self.explore_gen.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return rng
+        return rng_state.capture(self.explore_gen, self.device)
 
     def reduced_progress(self) -> dict:
         """The epoch accumulators summed over the ranks (loss/reward/correct sums and images seen);
@@ -168,13 +164,12 @@ class Trainer:
             # streams derived from (seed, rank, epoch, step) — reproducible, not the lost ones
             s = distmod.derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
             torch.manual_seed(s)
-            self.explore_gen.manual_seed(distmod.derived_seed(s, 7919))
+            self.explore_gen.manual_seed(distmod.derived_seed(s, rng_state.EXPLORE_OFFSET))
             rng = None
         if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            self.explore_gen.set_state(rng["explore"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            fresh = distmod.derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
+            for note in rng_state.restore(rng, self.explore_gen, self.device, fresh):
+                self.log(f"resume: {note}")
 
     def check_finite(self, where: str):
         """Stop with DivergedError when the running loss or any weight is not finite (one host read)."""
@@ -354,6 +349,7 @@ class Trainer:
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
             "loader": self.loader_choice.name,
             "run_dir": str(self.run_dir),
+            "kernel_fallbacks": kernels.fallbacks(),  # a broken GPU path is never hidden behind the reference
         }
         if self.dist.enabled:
             summary["world_size"] = self.dist.world_size

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent(r"""
-    import importlib, json, sys
+    import json, sys
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(r"""
         sys.exit(0)
 
     import aerl_fast.kernels.pg_loss as P
-    PM = importlib.import_module("aerl_fast.kernels.pgd_step")
+    import aerl_fast.kernels.pgd_update as PM
     assert not P.INTERPRETED
     built = []
 

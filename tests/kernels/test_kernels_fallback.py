@@ -1,5 +1,6 @@
-"""Without the interpreter and without CUDA the ops must run the torch reference, silently, and
-say so through backend().  Triton reads TRITON_INTERPRET at import, so these run in a fresh
+"""Without the interpreter and without CUDA the ops must run the torch reference, silently (no
+launch failed: nothing is recorded in fallbacks()), and say so through backend(); the strict mode
+refuses instead.  Triton reads TRITON_INTERPRET at import, so these run in a fresh
 Python process: once with triton importable, once with triton made unimportable."""
 import json
 import os
@@ -16,7 +17,7 @@ SCRIPT = textwrap.dedent(r"""
     import torch
     import aerl_fast.kernels as K
     from aerl_fast.kernels import pg_loss as P
-    PM = sys.modules["aerl_fast.kernels.pgd_step"]
+    import aerl_fast.kernels.pgd_update as PM
     res = {"backend": K.backend("cpu"), "triton_cpu": P.triton_enabled("cpu")}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 12, generator=g, requires_grad=True)
@@ -42,6 +43,14 @@ SCRIPT = textwrap.dedent(r"""
     PM.pgd_step_fused(xb, x0, gr, 0.05, torch.tensor([0.0, 0.1, 0.2, 0.3]), norm="l2")
     res["pgd_err"] = float((xa - xb).abs().max())
     res["pgd_moved"] = float((xa - x0).abs().max())
+    res["fallbacks"] = K.fallbacks()  # no launch was attempted: nothing fell back
+    import os
+    os.environ["AERL_FAST_KERNELS"] = "triton"  # strict: no Triton for CPU tensors is an error
+    try:
+        K.eps_greedy_pg_loss(x, y, 0.3, seed=5)
+        res["strict"] = "ran"
+    except RuntimeError as exc:
+        res["strict"] = str(exc)
     print("RESULT" + json.dumps(res))
 """)
 
@@ -59,3 +68,6 @@ def test_reference_fallback_in_fresh_process(mode):
     assert res["same_actions"]
     assert res["op_loss_err"] < 1e-5 and res["op_grad_err"] < 1e-6
     assert res["pgd_err"] == 0.0 and res["pgd_moved"] > 0.01
+    assert res["fallbacks"] == []
+    assert res["strict"].startswith("AERL_FAST_KERNELS=triton: the Triton eps_greedy_pg_loss cannot "
+                                    "run on cpu tensors"), res["strict"]

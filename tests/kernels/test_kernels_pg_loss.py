@@ -390,19 +390,3 @@ def test_backend_dispatch_and_forced_reference(monkeypatch, gen):
     logits, labels = make_inputs(gen, 4, 10)
     eps_greedy_pg_loss(logits, labels, 0.1, seed=1)
     assert calls == [1]
-
-
-def test_failed_first_launch_falls_back_silently(monkeypatch, gen):
-    monkeypatch.setattr(K, "_FAILED", set())
-    monkeypatch.setattr(K, "_VERIFIED", set())
-
-    def broken(*a, **k):
-        raise RuntimeError("no driver")
-    monkeypatch.setattr(P, "_pg_fwd_triton", broken)
-    logits, labels = make_inputs(gen, 4, 10)
-    actions = fixed_actions(gen, labels, 10)
-    out = eps_greedy_pg_loss(logits, labels, 0.1, actions=actions)
-    ref_loss, _ = pg_loss_f64(logits, labels, actions)
-    torch.testing.assert_close(out.loss.double(), ref_loss, atol=2e-5, rtol=2e-5)
-    assert backend("cpu", "eps_greedy_pg_loss") == "reference"
-    assert backend("cpu") == "reference" and backend("cpu", "pgd_step") == "triton"

@@ -1,18 +1,14 @@
 """The fused PGD update against an independent float64 loop (`kernel_refs.pgd_f64`) and the torch
 reference, through the Triton interpreter on CPU (see conftest.py)."""
-import importlib
-
 import pytest
 import torch
 
 import aerl_fast.kernels as K
 from aerl_fast.kernels import pgd_step
-from aerl_fast.kernels.pgd_step import (_pgd_triton, pgd_step_op, pgd_step_reference,
-                                        triton_enabled)
+from aerl_fast.kernels import pgd_update as PM
+from aerl_fast.kernels.pgd_update import (_pgd_triton, pgd_step_op, pgd_step_reference,
+                                          triton_enabled)
 from kernel_refs import pgd_f64
-
-# the module (the package attribute `pgd_step` is the function of the same name)
-PM = importlib.import_module("aerl_fast.kernels.pgd_step")
 
 pytestmark = pytest.mark.skipif(
     not triton_enabled("cpu"),
@@ -202,3 +198,51 @@ def test_validate_false_skips_only_the_value_read(monkeypatch):
     assert not reads
     pgd_step(x0.clone(), x0, grad, eps / 3, eps)
     assert reads  # the default reads the values, once per tensor
+
+
+def _tensors_from_python_numbers(monkeypatch):
+    """Record every torch.tensor / as_tensor / scalar_tensor call made from Python data: on CUDA
+    each is a host-to-device copy and a host sync."""
+    made = []
+    for name in ("tensor", "as_tensor", "scalar_tensor"):
+        real = getattr(torch, name)
+
+        def wrapped(data, *a, _real=real, _name=name, **k):
+            if not isinstance(data, torch.Tensor):
+                made.append((_name, data))
+            return _real(data, *a, **k)
+        monkeypatch.setattr(torch, name, wrapped)
+    return made
+
+
+@pytest.mark.parametrize("mode", ["triton", "reference"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_float_step_and_eps_are_filled_on_the_device_not_copied(monkeypatch, gen, mode, norm):
+    monkeypatch.setenv("AERL_FAST_KERNELS", mode)
+    x0 = torch.rand(4, 3, 5, 5, generator=gen)
+    grad = torch.randn(x0.shape, generator=gen)
+    want = x0.clone()
+    for _ in range(3):
+        want = pgd_f64(want, x0, grad, 0.01, 0.03, norm).float()
+    xa = x0.clone()
+    made = _tensors_from_python_numbers(monkeypatch)
+    for _ in range(3):
+        pgd_step(xa, x0, grad, 0.01, 0.03, norm=norm)
+    assert made == []
+    torch.testing.assert_close(xa, want, atol=2e-6, rtol=1e-5)
+
+
+def test_an_attack_creates_no_tensor_from_python_numbers_per_step(monkeypatch, gen):
+    """The whole PGD loop (aerl_fast.attacks.pgd, float ε and step): whatever setup creates, the
+    count does not grow with the number of steps."""
+    from aerl_fast.attacks import pgd
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    x = torch.rand(6, 3, 4, 4, generator=gen)
+    y = torch.randint(0, 5, (6,), generator=gen)
+    counts = []
+    for steps in (1, 4):
+        made = _tensors_from_python_numbers(monkeypatch)
+        pgd(model, x, y, eps=0.5, step=0.1, steps=steps, norm="l2", seed=0)
+        counts.append(len(made))
+        monkeypatch.undo()
+    assert counts[0] == counts[1], counts

@@ -17,6 +17,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .device import launch_device
+
 NORMS = ("linf", "l2")
 _TINY = 1e-12
 
@@ -25,11 +27,15 @@ Scalar = Union[float, torch.Tensor]
 
 def per_sample(value: Scalar, batch: int, like: torch.Tensor, name: str, validate: bool = True) -> torch.Tensor:
     """Broadcast a float or a [B] tensor to a [B, 1, ...] fp32 tensor; reject negatives.
-    A Python number is checked on the host, so an attack loop with float step/ε never syncs; a
-    tensor's values are read only when `validate` (a host sync on CUDA)."""
-    if not isinstance(value, torch.Tensor) and float(value) < 0:
-        raise ValueError(f"pgd_step: {name} must be >= 0, got min {float(value)}")
-    t = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    A Python number is checked on the host and becomes a device-side fill (torch.full: no
+    host-to-device copy, so an attack loop with float step/ε never syncs); a tensor's values are
+    read only when `validate` (a host sync on CUDA)."""
+    if isinstance(value, torch.Tensor):
+        t = value.to(dtype=torch.float32, device=like.device)
+    else:
+        if float(value) < 0:
+            raise ValueError(f"pgd_step: {name} must be >= 0, got min {float(value)}")
+        t = torch.full((batch,), float(value), dtype=torch.float32, device=like.device)
     if t.dim() == 0:
         t = t.expand(batch)
     if t.dim() != 1 or t.shape[0] != batch:
@@ -233,13 +239,16 @@ def _pgd_triton(x_adv, x0, grad, step, eps, l2, lo, hi):
         if INTERPRETED:
             rows = max(1, min(64, _INTERPRETER_ELEMS // block_n, triton.next_power_of_2(B)))
         warps = max(2, min(8, block_n * rows // 256))
-        _pgd_l2_kernel[(triton.cdiv(B, rows),)](xa, x0f, gf, step, eps, B, N, lo_f, hi_f,
-                                                 HAS_CLAMP=has_clamp, ROWS=rows, BLOCK_N=block_n,
-                                                 num_warps=warps)
+        with launch_device(x_adv):
+            _pgd_l2_kernel[(triton.cdiv(B, rows),)](xa, x0f, gf, step, eps, B, N, lo_f, hi_f,
+                                                     HAS_CLAMP=has_clamp, ROWS=rows,
+                                                     BLOCK_N=block_n, num_warps=warps)
     else:
         total = B * N
-        _pgd_linf_kernel[(triton.cdiv(total, _BLOCK_LINF),)](
-            xa, x0f, gf, step, eps, N, total, lo_f, hi_f, HAS_CLAMP=has_clamp, BLOCK=_BLOCK_LINF)
+        with launch_device(x_adv):
+            _pgd_linf_kernel[(triton.cdiv(total, _BLOCK_LINF),)](
+                xa, x0f, gf, step, eps, N, total, lo_f, hi_f, HAS_CLAMP=has_clamp,
+                BLOCK=_BLOCK_LINF)
     if copied:
         x_adv.copy_(xa.view(x_adv.shape))
 
