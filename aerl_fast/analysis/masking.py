@@ -17,7 +17,7 @@ could not run (and `observed` says why).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -28,6 +28,7 @@ class MaskingFlag:
     check: str
     flagged: Optional[bool]
     observed: str
+    numbers: dict = field(default_factory=dict)  # what was measured, for metrics.json
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,9 +112,9 @@ def large_epsilon_accuracy(model, x, y, *, norm: str, steps: int, clamp=True, lo
 
     eps = large_epsilon(norm, x.shape[1:])
     robust = 0
-    for i in range(0, x.shape[0], batch_size):
+    for i in range(0, x.shape[0], batch_size):  # >= 20 steps of eps/10: the attack can cross the box twice
         res = pgd(model, x[i:i + batch_size], y[i:i + batch_size], eps=eps, step=eps / 10,
-                  steps=max(1, steps), norm=norm, random_start=False, early_stop=True, clamp=clamp,
+                  steps=max(20, steps), norm=norm, random_start=False, early_stop=True, clamp=clamp,
                   loss=loss, return_result=True)
         robust += int((~res.fooled).sum())
     return robust / max(1, x.shape[0])
@@ -133,3 +134,72 @@ def summarize(flags: List[MaskingFlag]) -> str:
     """'none' or the names of the raised flags, for a table cell."""
     raised = [f.check for f in flags if f.flagged]
     return ", ".join(raised) if raised else "none"
+
+
+def gradient_health(model, x, y, *, loss: str = "ce", batch_size: int = 256, amp_dtype=None) -> dict:
+    """Input gradients of the attack loss in the attack's precision (bf16 under `amp_dtype`): how
+    many samples get an all-zero one (underflow or shattering), a non-finite one, and how many have a
+    saturated softmax (probability of the label exactly 1 in fp32)."""
+    from aerl_fast.attacks import attack_loss, attack_mode  # noqa: PLC0415
+
+    zero = nonfinite = saturated = 0
+    dev = x.device
+    with attack_mode(model):
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].detach().requires_grad_(True)
+            yb = y[i:i + batch_size]
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                z = model(xb)
+            (g,) = torch.autograd.grad(attack_loss(z, yb, loss), xb)
+            g = g.flatten(1)
+            finite = torch.isfinite(g).all(1)
+            nonfinite += int((~finite).sum())
+            zero += int((finite & (g.abs().amax(1) == 0)).sum())
+            with torch.no_grad():
+                p = torch.softmax(z.detach().float(), 1).gather(1, yb[:, None]).squeeze(1)
+            saturated += int((p == 1.0).sum())
+    return {"n": int(x.shape[0]), "zero": zero, "nonfinite": nonfinite, "saturated": saturated,
+            "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "loss": loss}
+
+
+def check_gradients(h: dict, threshold: int) -> MaskingFlag:
+    bad = h["zero"] + h["nonfinite"]
+    flagged = bad >= threshold
+    return MaskingFlag("gradients", flagged,
+                       f"{h['zero']} zero and {h['nonfinite']} non-finite input gradients of the {h['loss']} loss "
+                       f"in {h['precision']} among {h['n']} samples"
+                       + (": gradient attacks cannot move these points (shattered, saturated or underflowing "
+                          "gradients)" if flagged else ""), dict(h, threshold=threshold))
+
+
+def check_saturation(h: dict, max_share: float = 0.5) -> MaskingFlag:
+    share = h["saturated"] / max(1, h["n"])
+    flagged = share > max_share
+    return MaskingFlag("saturation", flagged,
+                       f"{share:.0%} of the samples have a softmax probability of exactly 1 for their label in "
+                       "fp32" + (": cross-entropy gradients vanish there (try the margin/DLR losses)" if flagged
+                                 else ""), {"saturated": h["saturated"], "n": h["n"], "max_share": max_share})
+
+
+def check_randomness(disagree: int, max_diff: float, n: int) -> MaskingFlag:
+    """Two forward passes of the same images must agree: a random model has no reproducible robust
+    set, and attacking one draw of its randomness says little about the next."""
+    flagged = max_diff > 1e-5
+    return MaskingFlag("randomness", flagged,
+                       f"two forward passes of the same {n} images change {disagree} predictions (largest logit "
+                       f"difference {max_diff:.3g}, relative)" + (": randomised defence; evaluate its "
+                                                                   "expectation (EOT)" if flagged else ""),
+                       {"disagree": disagree, "max_diff": max_diff, "n": n})
+
+
+def check_epsilon_to_zero(radii: Sequence[float], accs: Sequence[float], median_distance: Optional[float],
+                          tol: float = 0.01) -> MaskingFlag:
+    """Accuracy over an ε sweep that ends at a radius covering the image box must fall to <= 1%."""
+    last = accs[-1]
+    flagged = last > tol
+    curve = ", ".join(f"{100 * a:.1f}% (eps {e:.3g})" for e, a in zip(radii, accs))
+    med = "n/a" if median_distance is None else f"{median_distance:.3g}"
+    return MaskingFlag("epsilon_to_zero", flagged,
+                       f"accuracy {curve}; median minimal adversarial distance {med}"
+                       + (": points survive a radius that reaches every image" if flagged else ""),
+                       {"radii": list(radii), "acc": list(accs), "median_min_distance": median_distance, "tol": tol})

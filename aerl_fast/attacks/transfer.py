@@ -24,6 +24,7 @@ class TransferResult(NamedTuple):
     names: List[str]
     accuracy: np.ndarray  # [N, N]: row = model the images were crafted on, column = model evaluated
     clean: np.ndarray     # [N] clean accuracy of each model on the same samples
+    robust: torch.Tensor  # [N, N, n] bool on the CPU: sample correct both clean and on the crafted image
 
 
 def num_classes(model, probe: Optional[torch.Tensor] = None) -> int:
@@ -73,9 +74,8 @@ def transfer_matrix(models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: t
         m.eval()
     n = x.shape[0]
     clean_ok = torch.stack([_predict(models[b], x, batch_size) == y for b in names])  # [N, n]
-    acc = np.zeros((len(names), len(names)))
+    per_sample = torch.zeros(len(names), len(names), n, dtype=torch.bool)
     for a, src in enumerate(names):
-        robust = torch.zeros(len(names), dtype=torch.float64, device=x.device)
         for i in range(0, n, batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
             if adversarials is not None and src in adversarials:
@@ -86,6 +86,6 @@ def transfer_matrix(models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: t
                     progress(xb.shape[0])
             for b, tgt in enumerate(names):
                 ok = (_predict(models[tgt], adv, batch_size) == yb) & clean_ok[b, i:i + batch_size]
-                robust[b] += ok.sum()
-        acc[a] = (robust / n).cpu().numpy()
-    return TransferResult(names, acc, clean_ok.double().mean(1).cpu().numpy())
+                per_sample[a, b, i:i + xb.shape[0]] = ok.cpu()
+    acc = per_sample.double().mean(2).numpy()
+    return TransferResult(names, acc, clean_ok.double().mean(1).cpu().numpy(), per_sample)

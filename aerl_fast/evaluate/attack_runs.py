@@ -75,3 +75,45 @@ def run_autoattack(model, x, y, clean_ok, norm: str, eps_list: List[float], conf
     return AttackOutcome("autoattack", norm, list(eps_list), accs, torch.stack(masks),
                          f"autoattack-{config.aa_version}", time.perf_counter() - t0,
                          per_attack=per_attack, logs=logs)
+
+
+def run_aa_fast(model, x, y, clean_ok, norm: str, eps_list: List[float], config: EvalConfig, *, amp: bool = False,
+                dist=None, log=print, name: str = "") -> Optional[AttackOutcome]:
+    """The AutoAttack-grade cascade at each radius (aerl_fast.attacks.autoattack_fast): per sample the
+    stage that broke it and the passes it cost.  Under torchrun (`dist` enabled) every process
+    attacks its shard and rank 0 gets the merged result (None on the other ranks)."""
+    from aerl_fast.attacks import autoattack_fast, autoattack_fast_sharded  # noqa: PLC0415
+
+    kw = dict(norm=norm, seed=config.seed, stages=config.aa_stages, budget=config.aa_budget, steps=config.aa_steps,
+              queries=config.aa_queries, batch_size=config.batch_size, amp=amp, clamp=config.clamp, return_adv=False)
+    t0 = time.perf_counter()
+    rows, per_attack, stages, broken_by, fw, bw, disagreements = [], [], [], [], [], [], 0
+    for eps in eps_list:
+        log(f"  aa-fast {norm} eps {eps:g} on {name}: {' -> '.join(config.aa_stages)} ({config.aa_budget} budget)")
+        if dist is not None and dist.enabled:
+            res = autoattack_fast_sharded(model, x, y, dist=dist, eps=eps, **kw)
+            if res is None:
+                continue
+        else:
+            res = autoattack_fast(model, x, y, eps=eps, **kw)
+        robust = res.robust.cpu() & clean_ok.cpu()
+        rows.append(robust)
+        left, after = int(res.clean.sum()), {}
+        for rep in res.stages:
+            left -= rep.broken
+            after[rep.name] = left / robust.numel()
+        per_attack.append(after)
+        stages.append([vars(rep).copy() for rep in res.stages])
+        broken_by.append(res.broken_by.cpu())
+        fw.append(res.forwards.cpu())
+        bw.append(res.backwards.cpu())
+        disagreements += res.disagreements
+    if not rows:
+        return None
+    robust = torch.stack(rows)
+    out = AttackOutcome("aa-fast", norm, list(eps_list), robust.double().mean(1).tolist(), robust,
+                        f"aa-fast-{config.aa_budget}", time.perf_counter() - t0, per_attack=per_attack)
+    out.stages, out.disagreements = stages, disagreements
+    out.per_sample = {"broken_by": torch.stack(broken_by), "forwards": torch.stack(fw), "backwards": torch.stack(bw),
+                      "stage_names": list(config.aa_stages)}
+    return out

@@ -7,8 +7,9 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
+from aerl_fast import distributed
 from aerl_fast.cli import add_settings, formatter, given, run_cli, stderr_log
 from aerl_fast.errors import UserError
 
@@ -61,12 +62,20 @@ def parse_args(argv=None) -> Parsed:
     return Parsed(list(ns.runs), config, options)
 
 
-def _main(argv) -> dict:
+def _main(argv) -> Optional[dict]:
     args = parse_args(argv)
     out = Path(args.options.out) if args.options.out else Path("results") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.options.overwrite:
         raise UserError(f"{out} already holds files; pass --overwrite to write into it, or choose another --out")
-    results = run(args.runs, None, args.config, replace(args.options, out=str(out)), log=stderr_log)
+    dist = distributed.DistContext()
+    try:  # under torchrun every process attacks its shard (aa-fast); rank 0 writes the report
+        dist = distributed.init()
+        results = run(args.runs, None, args.config, replace(args.options, out=str(out)), log=stderr_log,
+                      dist=dist if dist.enabled else None)
+    finally:
+        distributed.shutdown(dist)
+    if results is None:
+        return None
     metrics = write_report(results, out)
     print(metrics["table_md"])
     stderr_log(f"results in {out}")

@@ -12,12 +12,13 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Tuple
 
-from aerl_fast.attacks import LOSSES, NORMS
+from aerl_fast.attacks import BUDGETS, LOSSES, NORMS, STAGES as AA_STAGES, STANDARD as AA_STANDARD
 from aerl_fast.data.imagefolder import DECODERS
 from aerl_fast.errors import ConfigError
 from aerl_fast.fields import check, setting
 
-ATTACK_NORMS = {"fgsm": "linf", "pgd-linf": "linf", "pgd-l2": "l2", "autoattack": None}  # None: --aa-norm
+ATTACK_NORMS = {"fgsm": "linf", "pgd-linf": "linf", "pgd-l2": "l2", "autoattack": None,  # None: --aa-norm
+                "aa-fast": None}
 ATTACKS = tuple(ATTACK_NORMS)
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}   # the field's radii for 32x32 images in [0, 1]
 DEFAULT_REL_STEP = 0.1                       # PGD step = 0.1·ε unless --step is given (the study's ratio)
@@ -58,7 +59,15 @@ class EvalConfig:
     aa_version: str = setting("standard", "AutoAttack version (pyautoattack)", choices=AA_VERSIONS, group=A)
     aa_attacks: Tuple[str, ...] = setting((), "AutoAttack attacks for --aa-version custom (apgd-ce apgd-t fab-t "
                                           "square ...)", group=A)
-    aa_norm: str = setting("l2", "AutoAttack threat model", choices=NORMS, group=A)
+    aa_norm: str = setting("l2", "AutoAttack threat model (autoattack and aa-fast)", choices=NORMS, group=A)
+    aa_stages: Tuple[str, ...] = setting(AA_STANDARD, "aa-fast stages, in order: apgd-ce, apgd-t, square, and fab-t "
+                                         "(through pyautoattack; left out by default: it rarely changes the result)",
+                                         choices=AA_STAGES, group=A)
+    aa_budget: str = setting("fast", "aa-fast budget: fast (stop spending on points whose margin makes no progress) "
+                             "or full (AutoAttack's whole budget)", choices=BUDGETS, group=A)
+    aa_steps: int = setting(100, "APGD iterations of aa-fast and of the verdict's white-box attacks", lo=1,
+                            hi=100_000, group=A)
+    aa_queries: int = setting(5000, "Square queries of aa-fast and of the verdict", lo=1, hi=1_000_000, group=A)
     transfer: bool = setting(False, "N x N transfer matrix (craft on A, evaluate on B), last-iterate PGD", group=N)
     transfer_eps: Optional[float] = setting(None, "ε of the transfer (and dynamics/landscape) attack; default the "
                                             "largest", lo=0.0, group=N)
@@ -70,6 +79,11 @@ class EvalConfig:
     masking: bool = setting(True, "gradient-masking checks", group=N)
     square_queries: int = setting(0, "masking check: Square attack with this many queries (0: skip; needs "
                                   "pyautoattack)", lo=0, group=N)
+    verdict: bool = setting(False, "end in a verdict per model: worst case over every attack, convergence, ε to zero, "
+                            "ordering, gradients, attack self-test -> no masking signs / masking likely / attack "
+                            "failure", group=N)
+    verdict_eps: Optional[float] = setting(None, "radius of the verdict (default: the largest of the first gradient "
+                                           "attack)", lo=0.0, lo_open=True, group=N)
 
     # -- named bundles (AutoAttack's set_version, for evaluation settings) ----------------------
     @classmethod
@@ -125,7 +139,7 @@ class EvalConfig:
         return ATTACK_NORMS[attack] or self.aa_norm
 
     def label_of(self, attack: str) -> str:
-        return f"{attack}-{self.aa_norm}" if attack == "autoattack" else attack
+        return f"{attack}-{self.aa_norm}" if ATTACK_NORMS[attack] is None else attack
 
     def radii(self, attack: str, image_numel: Optional[int] = None) -> Tuple[float, ...]:
         """The sorted radii `attack` runs at, checked against the image box (the L2 box needs the
@@ -165,6 +179,8 @@ E = "runtime"
 @dataclass
 class EvalOptions:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", group=E)
+    amp: bool = setting(False, "attack in bf16 where the device has it; aa-fast re-checks every adversarial example in "
+                        "fp32 and counts disagreements", group=E)
     data_dir: Optional[str] = setting(None, "dataset folder, overriding the one recorded in each run's config "
                                       "(default: each run's own)",
                                       group=E)

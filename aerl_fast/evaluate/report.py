@@ -6,6 +6,8 @@
     robustness_curve.{png,pdf}                    when an attack has several ε
     landscape/<model>_sample<i>.{png,pdf}, landscape.json   with landscapes
     autoattack/<model>_<norm>_eps<e>.log, square_<model>.log   the peers' own logs
+    per_sample/<model>.csv                        per test image: clean, every attack (and aa-fast's
+                                                  stage and passes), the verdict's attacks, worst case
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ def metrics_json(results: EvalResults) -> dict:
             "clean_ci95": list(m.clean_interval()), "degenerate": m.degenerate,
             "attacks": {label: out.to_json() for label, out in m.attacks.items()},
             "masking": [f.to_dict() for f in m.masking],
+            "verdict": m.verdict.to_json() if m.verdict is not None else None,
         } for m in results.models],
         "transfer": results.transfer,
         "dynamics": None if results.dynamics is None else {
@@ -107,6 +110,7 @@ def write_report(results: EvalResults, folder) -> dict:
     if plots.has_curves(results):
         plots.plot_curves(results, out / "robustness_curve.png")
     _write_logs(results, out)
+    write_per_sample(results, out / "per_sample")
     table = table_markdown(results)
     (out / "results.md").write_text("\n".join(_markdown(results, table, out)) + "\n")
     _write_csv(results, out / "results.csv")
@@ -167,9 +171,12 @@ def _markdown(results: EvalResults, table: str, out: Path) -> List[str]:
             md.append(f"**{m.name}** ({m.objective})")
             md += [f"- {f.check}: **{f.label}** — {f.observed}" for f in m.masking]
             md.append("")
+    md += _stages_markdown(results)
+    from .report_verdict import verdict_markdown  # noqa: PLC0415
+    md += verdict_markdown(results)
     for m in results.models:
         for o in m.attacks.values():
-            if o.per_attack:
+            if o.per_attack and o.stages is None:
                 md.append(f"AutoAttack {m.name} per attack: " + "; ".join(
                     f"eps {ep:g}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in pa.items())
                     for ep, pa in zip(o.eps, o.per_attack)))
@@ -208,3 +215,47 @@ def _write_transfer(info: dict, out: Path):
         for i, n in enumerate(names):
             w.writerow([n] + [f"{a:.6f}" for a in acc[i]])
     plots.plot_transfer(info, out / "transfer.png")
+
+
+def _stages_markdown(results: EvalResults) -> List[str]:
+    """aa-fast's cost per stage, as adv_lib reports it: points attacked and broken, passes, time."""
+    rows = []
+    for m in results.models:
+        for label, o in m.attacks.items():
+            for eps, stages in zip(o.eps, o.stages or []):
+                for st in stages:
+                    rows.append(f"| {m.name} | {label} | {eps:g} | {st['name']} | {st['attacked']} | {st['broken']} | "
+                                f"{st['forwards']} | {st['backwards']} | {st['seconds']:.1f} |")
+    if not rows:
+        return []
+    amp = [f"{m.name}: {o.disagreements}" for m in results.models for o in m.attacks.values() if o.disagreements]
+    return (["## aa-fast: where the passes go", "",
+             "| model | attack | eps | stage | attacked | broken | forwards | backwards | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"] + rows
+            + ([""] + [f"bf16 breaks the fp32 re-check overturned: {', '.join(amp)}"] if amp else []) + [""])
+
+
+def write_per_sample(results: EvalResults, folder: Path):
+    """One CSV per model, a row per test image: what broke it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subsets = list(results.test_sets.values())
+    for m in results.models:
+        sub = subsets[0] if len(subsets) == 1 else results.test_sets.get(m.dataset, subsets[0])
+        cols = {"index": sub["indices"][:m.n], "clean_correct": m.clean_ok.int().tolist()}
+        for label, o in m.attacks.items():
+            for k, eps in enumerate(o.eps):
+                cols[f"{label}@{eps:g}_robust"] = o.robust[k].int().tolist()
+                if o.per_sample is not None:
+                    names = o.per_sample["stage_names"]
+                    cols[f"{label}@{eps:g}_broken_by"] = [names[i] if i >= 0 else "" for i in
+                                                          o.per_sample["broken_by"][k].tolist()]
+                    cols[f"{label}@{eps:g}_forwards"] = o.per_sample["forwards"][k].tolist()
+                    cols[f"{label}@{eps:g}_backwards"] = o.per_sample["backwards"][k].tolist()
+        for name, broken in m.breaks.items():
+            cols[f"verdict:{name}_broken"] = broken.int().tolist()
+        if m.verdict is not None:
+            cols["worst_case_robust"] = m.verdict.worst.robust_mask.int().tolist()
+        with open(folder / f"{plots.safe_name(m.name)}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(list(cols))
+            w.writerows(zip(*cols.values()))

@@ -36,6 +36,9 @@ class AttackOutcome:
     grad_evals_per_sample: Optional[float] = None
     per_attack: Optional[list] = None  # AutoAttack: robust accuracy after each of its attacks, per radius
     logs: Optional[List[str]] = None   # AutoAttack's own log, per radius
+    stages: Optional[list] = None      # aa-fast: per radius, each stage's points, breaks, passes, seconds
+    disagreements: int = 0             # aa-fast --amp: bf16 breaks the fp32 re-check overturned
+    per_sample: Optional[dict] = None  # aa-fast: broken_by / forwards / backwards [K, n], stage_names
 
     def acc_at(self, eps: float) -> float:
         return self.acc[self.eps.index(eps)]
@@ -50,6 +53,8 @@ class AttackOutcome:
              "ci95": [list(self.interval(e)) for e in self.eps]}
         if self.per_attack is not None:
             d["per_attack"] = self.per_attack
+        if self.stages is not None:
+            d["stages"], d["disagreements"] = self.stages, self.disagreements
         return d
 
 
@@ -66,6 +71,8 @@ class ModelResult:
     degenerate: Optional[str] = None                # why the numbers mean nothing, or None
     width: Optional[float] = None
     logs: Dict[str, str] = field(default_factory=dict)  # peer tools' own logs by kind (e.g. "square")
+    verdict: Optional[object] = None                # aerl_fast.analysis.verdict.Verdict (--verdict)
+    breaks: Dict[str, torch.Tensor] = field(default_factory=dict)  # the verdict's attacks: [n] bool each
 
     @property
     def n(self) -> int:

@@ -12,7 +12,7 @@ from aerl_fast import runtime
 from aerl_fast.errors import UserError
 
 from . import analyses
-from .attack_runs import run_autoattack, run_gradient_attack
+from .attack_runs import run_aa_fast, run_autoattack, run_gradient_attack
 from .config import EvalConfig, EvalOptions, check_radius
 from .inputs import ModelEntry, TestSet, data_key, describe_difference, given_test_set, load_entries, load_test_set
 from .results import EvalResults, ModelResult, wilson
@@ -25,12 +25,18 @@ def _quiet(msg):
 
 
 def run(models: Sequence, data=None, config: Optional[EvalConfig] = None, options: Optional[EvalOptions] = None,
-        *, log=_quiet) -> EvalResults:
+        *, log=_quiet, dist=None) -> Optional[EvalResults]:
     """Attack every model (run folder, checkpoint file or nn.Module taking [0,1] images) on `data`
-    ((x, y) tensors, or None for each run's own test split) as `config` says."""
+    ((x, y) tensors, or None for each run's own test split) as `config` says.
+
+    dist: an `aerl_fast.distributed.DistContext` under torchrun: every process attacks its shard of
+    the test set with aa-fast and rank 0 runs the rest and returns the results (None elsewhere)."""
     config = replace(config or EvalConfig()).validate()  # a checked copy: the caller's object is unchanged
     options = replace(options or EvalOptions()).validate()
-    device = runtime.resolve_device(options.device)
+    main = dist is None or dist.is_main
+    if not main:
+        log = _quiet
+    device = dist.device(options.device) if dist is not None else runtime.resolve_device(options.device)
     if device.type == "cpu":
         runtime.keep_freed_memory()  # attacks allocate the same buffers every step
     torch.manual_seed(config.seed)
@@ -46,6 +52,9 @@ def run(models: Sequence, data=None, config: Optional[EvalConfig] = None, option
 
     entries = load_entries(list(models), device, options.names, log)
     sets = _test_sets(entries, data, config, options, device)
+    if config.verdict and len(entries) > 1 and len({e.data_key for e in entries}) == 1 and not config.transfer:
+        config = replace(config, transfer=True)  # the verdict's transfer (from the SL twin among the others)
+        log("--verdict: transfer between the models is run (the verdict's transfer check)")
     warnings = _check_threat_model(config, next(iter(sets.values())).x.shape[1:].numel())
     for w in warnings:
         log(f"warning: {w}")
@@ -65,7 +74,10 @@ def run(models: Sequence, data=None, config: Optional[EvalConfig] = None, option
     t_start = time.perf_counter()
     results, adversarials = [], {}
     for e in entries:
-        results.append(_attack_model(e, sets[e.data_key], config, t_attack, t_eps, adversarials, make_bar, log))
+        results.append(_attack_model(e, sets[e.data_key], config, t_attack, t_eps, adversarials, make_bar, log,
+                                     options.amp, dist))
+    if not main:
+        return None
     out = EvalResults(config, results, {_set_label(k, sets): ts.describe() for k, ts in sets.items()},
                       warnings=warnings, environment=runtime.environment(device))
     if config.transfer:
@@ -81,6 +93,12 @@ def run(models: Sequence, data=None, config: Optional[EvalConfig] = None, option
                                                  config, log)
     if config.masking:
         analyses.run_masking(entries, results, sets, out.transfer, config, log)
+    if config.verdict:
+        from .verdict_run import run_verdict, verdict_radius  # noqa: PLC0415
+        v_eps, v_norm = verdict_radius(config)
+        transfer = out.transfer if out.transfer is not None and out.transfer["eps"] == v_eps else None
+        for e, r in zip(entries, results):
+            run_verdict(e, r, sets[e.data_key], config, v_eps, v_norm, transfer, options.amp, log)
     out.seconds = time.perf_counter() - t_start
     from aerl_fast import kernels  # noqa: PLC0415
     out.environment["kernel_fallbacks"] = kernels.fallbacks()  # a broken GPU path is never hidden
@@ -168,7 +186,7 @@ def degenerate_reason(pred: torch.Tensor, y: torch.Tensor, classes: int) -> Opti
 
 
 def _attack_model(e: ModelEntry, ts: TestSet, config: EvalConfig, t_attack, t_eps, adversarials, make_bar,
-                  log) -> ModelResult:
+                  log, amp: bool = False, dist=None) -> ModelResult:
     x, y = ts.x, ts.y
     with torch.no_grad():
         logits = torch.cat([e.fast(x[i:i + config.batch_size]) for i in range(0, x.shape[0], config.batch_size)])
@@ -186,7 +204,14 @@ def _attack_model(e: ModelEntry, ts: TestSet, config: EvalConfig, t_attack, t_ep
     for a in config.attacks:
         norm, radii = config.norm_of(a), list(config.radii(a))
         label = config.label_of(a)
-        if a == "autoattack":
+        if a == "aa-fast":
+            out = run_aa_fast(e.model, x, y, clean_ok, norm, radii, config, amp=amp, dist=dist, log=log, name=e.name)
+            if out is None:  # not rank 0: the shard is done
+                continue
+            r.attacks[label] = out
+        elif dist is not None and not dist.is_main:
+            continue  # only aa-fast is sharded; rank 0 runs the other attacks
+        elif a == "autoattack":
             r.attacks[label] = run_autoattack(e.model, x, y, clean_ok, norm, radii, config, log, e.name)
         else:
             keep = t_eps if (config.transfer and a == t_attack and t_eps in radii
