@@ -15,7 +15,10 @@ from statistics import NormalDist
 import pytest
 import torch
 
+from aerl_fast import reproduce
 from aerl_fast import train as train_mod
+from aerl_fast.config import TrainConfig, load_preset
+from aerl_fast.errors import ConfigError
 from aerl_fast.kernels import eps_greedy_pg_loss
 from aerl_fast.kernels.pg_loss import draw_actions
 from aerl_fast.objectives import OBJECTIVES, ObjectiveConfig, objective_loss, train_step
@@ -328,3 +331,38 @@ def test_trains_above_chance_and_resumes_exactly(tmp_path, monkeypatch, objectiv
     b = torch.load(crashed / "last.pt", weights_only=True)["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ── the reproduce presets ─────────────────────────────────────────────────────────────────────
+ABLATION = {"sl", "rl", "rl-expected", "prob", "rl-baseline"}
+
+
+def _resolved(cell):
+    values = dict(load_preset(cell.preset)) if cell.preset else {}
+    values.update(cell.overrides)
+    return TrainConfig(**values).validate()
+
+
+@pytest.mark.parametrize("name,dataset", [("ablation", "shapes"), ("ablation-cifar10", "cifar10")])
+def test_ablation_presets_validate(name, dataset):
+    cells = reproduce.build_cells(reproduce.load_matrix(name), None)
+    assert {c.objective for c in cells} == ABLATION and {c.seed for c in cells} == {0, 1}
+    assert {c.ds for c in cells} == {dataset} and len(cells) == 10
+    configs = {(c.objective, c.seed): _resolved(c) for c in cells}
+    assert all(cfg.save_every > 0 for cfg in configs.values())  # accuracy over epochs
+    if dataset == "cifar10":  # the study's settings: SL's and RL's presets, the 6-layer CNN
+        sl = configs[("sl", 0)]
+        assert (sl.model, sl.width, sl.lr, sl.epochs, sl.schedule) == ("cnn6", 1.0, 2e-4, 100, "warmup-linear")
+        for obj in ABLATION - {"sl"}:
+            cfg = configs[(obj, 0)]
+            assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.explore_eps, cfg.explore, cfg.prob_floor) == \
+                (1e-4, 600, 256, 0.1, "batch", 1e-6), obj
+        assert reproduce.eval_settings(reproduce.load_matrix(name))["clamp"] is False
+
+
+def test_matrix_with_a_misspelt_objective_names_the_choices(tmp_path):
+    m = reproduce.load_matrix("ablation")
+    m["objectives"] = ["sl", "rl-expectd"]
+    with pytest.raises(ConfigError, match="cell shapes-alicnnx0.25-rl-expectd-s0: --objective must be one of "
+                                          "sl, sl-adv, rl, rl-adv, rl-expected, rl-expected-adv"):
+        reproduce.build_cells(m, None)
