@@ -9,7 +9,9 @@ that applies them.
     prob         −mean π(y|x), the expected reward itself (rl-expected at ε = 0)
     rl-baseline  REINFORCE with a baseline: −mean((r − g·b) · log π(a|x)), b the batch's mean
                  π(y|x) (detached), g = 0 where the ε coin chose the action (see aerl_fast.kernels.
-                 pg_loss for why): rl's expected update with less sampling noise
+                 pg_loss for why): rl's expected update with other noise, less than rl's while the
+                 policy is unsure, far more once it is confident (a rare wrong action is pushed
+                 down with weight b where rl ignores it)
     X-adv        L(x) + β · L(x_adv),  x_adv = clamp(x + ε_adv · sign(∇ₓ L(x)), 0, 1), the FGSM
                  gradient being the objective's own
 
