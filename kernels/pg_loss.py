@@ -108,7 +108,7 @@ def baseline_rows(baseline, logits) -> Optional[torch.Tensor]:
     if baseline is None:
         return None
     b = torch.as_tensor(baseline, dtype=torch.float32, device=logits.device).detach()
-    return b.float().expand(logits.shape[0]).contiguous()
+    return b.expand(logits.shape[0]).contiguous()
 
 
 def make_generator(device, seed=None, generator=None) -> Optional[torch.Generator]:
