@@ -22,6 +22,7 @@ from aerl_fast.errors import ConfigError
 from aerl_fast.kernels import eps_greedy_pg_loss
 from aerl_fast.kernels.pg_loss import draw_actions
 from aerl_fast.objectives import OBJECTIVES, ObjectiveConfig, objective_loss, train_step
+from kill_resume import assert_same_weights, crash_and_resume
 
 ALPHA = 1e-3
 
@@ -314,23 +315,9 @@ def test_trains_above_chance_and_resumes_exactly(tmp_path, monkeypatch, objectiv
     assert all(0 < ln["train_reward"] < 1 for ln in log)  # realised or expected reward
 
     crashed = tmp_path / "crashed"
-    real_save = train_mod.save_checkpoint
-    calls = {"n": 0}
-
-    def crash_after_seventh(state, path):
-        real_save(state, path)
-        calls["n"] += 1
-        if calls["n"] == 7:  # mid-epoch 1: a checkpoint after each of its 57 batches
-            raise RuntimeError("simulated crash")
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_seventh)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_mod.main(args + ["--out", str(crashed)])
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    train_mod.main(["--resume", str(crashed), "--no-progress"])
-    a = torch.load(ref / "last.pt", weights_only=True)["model"]
-    b = torch.load(crashed / "last.pt", weights_only=True)["model"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    state = crash_and_resume(monkeypatch, args, crashed)  # 57 batches per epoch, a checkpoint after each
+    assert state["epoch"] == 0 and 0 < state["step"] < 57
+    assert_same_weights(ref, crashed)
 
 
 # ── the reproduce presets ─────────────────────────────────────────────────────────────────────
