@@ -1,9 +1,24 @@
-"""The study's four training objectives, and the one training step that applies them.
+"""The study's training objectives, the ablations that take RL apart, and the one training step
+that applies them.
 
-    SL       cross-entropy on the label
-    RL       ε-greedy REINFORCE: −mean(r · log π(a|x)), r = 1[a == y]   (aerl_fast.kernels)
-    SL-adv   L(x) + β · L(x_adv),  x_adv = clamp(x + ε_adv · sign(∇ₓ L(x)), 0, 1)
-    RL-adv   the same with the policy-gradient loss (the FGSM gradient is the PG loss's)
+    sl           cross-entropy on the label: −log π(y|x)
+    rl           ε-greedy REINFORCE: −mean(r · log π(a|x)), r = 1[a == y]   (aerl_fast.kernels)
+    rl-expected  rl's update averaged over the draw: −mean(sg[q(y)] · log π(y|x)), q(y) the
+                 probability that the sampler picks the label; without a floor q(y) = (1−ε)·π(y) + ε/C
+                 and the gradient is that of −(1−ε)·π(y|x) − (ε/C)·log π(y|x)
+    prob         −mean π(y|x), the expected reward itself (rl-expected at ε = 0)
+    rl-baseline  REINFORCE with a baseline: −mean((r − g·b) · log π(a|x)), b the batch's mean
+                 π(y|x) (detached), g = 0 where the ε coin chose the action (see aerl_fast.kernels.
+                 pg_loss for why): rl's expected update with other noise, less than rl's while the
+                 policy is unsure, far more once it is confident (a rare wrong action is pushed
+                 down with weight b where rl ignores it)
+    X-adv        L(x) + β · L(x_adv),  x_adv = clamp(x + ε_adv · sign(∇ₓ L(x)), 0, 1), the FGSM
+                 gradient being the objective's own
+
+SL and RL differ in three ways at once, and the ablations switch them on one at a time: the shape
+(π_y, whose gradient π_y·∇log π_y vanishes for confident answers right or wrong, against log π_y:
+sl vs prob), exploration (prob vs rl-expected, the ε/C·log π_y term) and the sampling noise of
+REINFORCE (rl-expected vs rl-baseline vs rl, all with the same expected update).
 
 The adversarial step costs two forwards and two backwards: the clean backward produces the
 parameter gradients *and* ∇ₓ L(x) at once, then the FGSM forward/backward accumulates β·∇θ L(x_adv).
@@ -20,13 +35,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aerl_fast.kernels import eps_greedy_pg_loss
+from aerl_fast.kernels.pg_loss import floored_probs, pg_loss_given_actions
 
-OBJECTIVES = ("sl", "rl", "sl-adv", "rl-adv")
+BASE_OBJECTIVES = ("sl", "rl", "rl-expected", "prob", "rl-baseline")
+OBJECTIVES = tuple(k for base in BASE_OBJECTIVES for k in (base, base + "-adv"))
+SAMPLED = ("rl", "rl-baseline")  # draw actions from the policy (the ε-greedy generator's consumers)
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    kind: str = "rl"                 # sl | rl | sl-adv | rl-adv
+    kind: str = "rl"                 # one of OBJECTIVES
     explore_eps: float = 0.1         # ε of ε-greedy (RL)
     explore: str = "sample"          # per-sample coin, or one coin per batch as the study's code does
     prob_floor: float = 0.0          # the study adds 1e-6 to the softmax and renormalises
@@ -49,8 +67,19 @@ class ObjectiveConfig:
             raise ValueError(f"prob_floor must be in [0, 1), got {self.prob_floor}")
 
     @property
+    def base(self) -> str:
+        """The objective without its adversarial term."""
+        return self.kind[:-len("-adv")] if self.is_adv else self.kind
+
+    @property
     def is_rl(self) -> bool:
-        return self.kind.startswith("rl")
+        """A policy objective: it reports the batch's reward (realised when sampled, else expected)."""
+        return self.base != "sl"
+
+    @property
+    def samples_actions(self) -> bool:
+        """Draws ε-greedy actions (consumes the exploration generator)."""
+        return self.base in SAMPLED
 
     @property
     def is_adv(self) -> bool:
@@ -64,19 +93,47 @@ class StepResult:
     loss_clean: torch.Tensor
     loss_adv: Optional[torch.Tensor]
     logits: torch.Tensor         # clean logits (train mode)
-    reward: Optional[torch.Tensor]  # mean reward of the clean batch (RL)
+    reward: Optional[torch.Tensor]  # mean (or expected) reward of the clean batch (policy objectives)
+
+
+def label_probs(logits: torch.Tensor, labels: torch.Tensor, prob_floor: float) -> torch.Tensor:
+    """π(y|x) [B] as the sampler draws it (the floored softmax), with gradient."""
+    return floored_probs(logits, prob_floor).gather(1, labels[:, None]).squeeze(1)
+
+
+def expected_pg_loss(logits, labels, epsilon: float, prob_floor: float = 0.0):
+    """rl-expected: (−mean(sg[q(y)] · log π(y|x)), mean q(y)).  q(y) = (1−ε)·π(y) + ε/C is the
+    probability that ε-greedy sampling picks the label (per sample or per batch alike), and log π
+    is rl's own (the floor enters as it enters rl), so the gradient is exactly E_a[∇ rl]; the value
+    is E_a[rl's loss]."""
+    log_term, _, _ = pg_loss_given_actions(logits, labels, labels, prob_floor, "none")  # −log π(y)
+    with torch.no_grad():
+        q_label = (1.0 - epsilon) * label_probs(logits, labels, prob_floor) + epsilon / logits.shape[1]
+    return (q_label * log_term).mean(), q_label.mean()
 
 
 def objective_loss(cfg: ObjectiveConfig, logits: torch.Tensor, labels: torch.Tensor,
                    generator: Optional[torch.Generator] = None):
-    """(loss, mean reward or None) of the base objective (SL or RL) on one batch of logits."""
-    if cfg.is_rl:
-        # labels were range-checked when the dataset was loaded: skip the per-call check (a host
-        # sync on CUDA)
-        out = eps_greedy_pg_loss(logits, labels, cfg.explore_eps, explore=cfg.explore,
-                                 prob_floor=cfg.prob_floor, generator=generator, validate=False)
-        return out.loss, out.rewards.mean()
-    return F.cross_entropy(logits.float(), labels), None
+    """(loss, mean reward or None) of the base objective on one batch of logits; the reward is
+    the realised one for sampled objectives, its expectation for rl-expected and prob."""
+    base = cfg.base
+    if base == "sl":
+        return F.cross_entropy(logits.float(), labels), None
+    if base == "prob":
+        p_label = label_probs(logits, labels, cfg.prob_floor)
+        return -p_label.mean(), p_label.detach().mean()
+    if base == "rl-expected":
+        return expected_pg_loss(logits, labels, cfg.explore_eps, cfg.prob_floor)
+    baseline = None
+    if base == "rl-baseline":  # the batch's mean expected reward of the policy's own draws
+        with torch.no_grad():
+            baseline = label_probs(logits, labels, cfg.prob_floor).mean()
+    # labels were range-checked when the dataset was loaded: skip the per-call check (a host sync
+    # on CUDA)
+    out = eps_greedy_pg_loss(logits, labels, cfg.explore_eps, explore=cfg.explore,
+                             prob_floor=cfg.prob_floor, generator=generator, baseline=baseline,
+                             validate=False)
+    return out.loss, out.rewards.mean()
 
 
 def fgsm_from_grad(x: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:

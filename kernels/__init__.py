@@ -140,7 +140,7 @@ def _launch(op, device, fused, reference):
 
 def eps_greedy_pg_loss(logits, labels, epsilon, *, explore="sample", prob_floor=0.0,
                        generator=None, seed=None, reduction="mean", actions=None,
-                       validate=True) -> PGLoss:
+                       baseline=None, validate=True) -> PGLoss:
     """ε-greedy REINFORCE loss; see `pg_loss.py` for the exact definition.
 
     Returns PGLoss(loss, actions, rewards, log_probs); only `loss` carries gradient.  `seed` or
@@ -149,21 +149,24 @@ def eps_greedy_pg_loss(logits, labels, epsilon, *, explore="sample", prob_floor=
     the actions (no sampling), which makes the op deterministic.  fp32/bf16/fp16 logits use the
     kernel (fp32 accumulation); fp64 logits run the reference in fp64.  `validate=False` skips
     the label/action range checks, the one host sync per call on CUDA (for a training loop whose
-    labels were checked once at load time).
+    labels were checked once at load time).  `baseline` (a number or a [B] tensor, detached) is
+    subtracted from the reward of the rows that followed the policy: REINFORCE with a baseline.
     """
     eps = check_pg_inputs(logits, labels, epsilon, explore, prob_floor, reduction, actions,
-                          validate)
+                          validate, baseline)
 
     def reference():
         return eps_greedy_pg_loss_reference(logits, labels, eps, explore=explore,
                                             prob_floor=prob_floor, generator=generator,
-                                            seed=seed, reduction=reduction, actions=actions)
+                                            seed=seed, reduction=reduction, actions=actions,
+                                            baseline=baseline)
 
     if logits.dtype == torch.float64 or not _dispatch_triton("eps_greedy_pg_loss", logits.device):
         return reference()  # fp64 keeps fp64 accumulation: the kernel accumulates in fp32
     return _launch("eps_greedy_pg_loss", logits.device, lambda: _pg.eps_greedy_pg_loss_fused(
         logits, labels, eps, explore=explore, prob_floor=prob_floor, generator=generator,
-        seed=seed, reduction=reduction, actions=actions, checked=True), reference)
+        seed=seed, reduction=reduction, actions=actions, baseline=baseline, checked=True),
+        reference)
 
 
 def pgd_step(x_adv, x0, grad, step, eps, norm="linf", clamp=(0.0, 1.0), validate=True):

@@ -9,9 +9,17 @@ CPU path.  Per row i of `logits` [B, C]:
     a_i      ~ Uniform{0..C-1} if explore else Categorical(q_i)
     logπ_i   = log(q_i[a_i] + f)                       (= log_softmax(logits_i)[a_i] when f = 0)
     r_i      = 1[a_i == label_i]
-    loss     = −reduce_i(r_i · logπ_i)                 reduce = mean | sum | none
+    A_i      = r_i − g_i·b_i                           (b = baseline, 0 when None; g_i below)
+    loss     = −reduce_i(A_i · logπ_i)                 reduce = mean | sum | none
 
-Only `loss` carries gradient (actions are sampled, rewards are constants: REINFORCE, no baseline).
+Only `loss` carries gradient (actions are sampled, rewards and the baseline are constants).
+
+The baseline is a per-row shift of the reward, applied only where the action was drawn from the
+policy: g_i = 0 on rows the ε coin sent exploring, 1 otherwise (1 on every row when `actions` is
+given).  A constant b leaves the REINFORCE gradient unbiased only under the distribution whose
+score it multiplies: E_{a~π}[∇log π(a)] = 0, but an explored action is uniform and
+E_{a~U}[∇_z log π(a)] = 1/C − π, so shifting explored rows too would add ε·b·(1/C − π) to the
+expected gradient (a push toward confident outputs).  b must not depend on the row's own action.
 
 Below the reference: the fused Triton kernels (forward and backward), the torch.library ops
 `aerl_fast::pg_loss_fwd` / `pg_loss_bwd` that wrap them with autograd, and
@@ -19,6 +27,7 @@ Below the reference: the fused Triton kernels (forward and backward), the torch.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -37,7 +46,7 @@ class PGLoss(NamedTuple):
 
 
 def check_pg_inputs(logits, labels, epsilon, explore, prob_floor, reduction, actions=None,
-                    validate=True):
+                    validate=True, baseline=None):
     """Validate before any launch: every failure names the argument and the offending value.
     `validate=False` skips the label/action range checks, which read the data (a host sync on
     CUDA); the Triton kernel only compares labels, so bad ones cost reward, not memory safety."""
@@ -82,6 +91,17 @@ def check_pg_inputs(logits, labels, epsilon, explore, prob_floor, reduction, act
             raise ValueError(f"eps_greedy_pg_loss: actions on {actions.device} but logits on {logits.device}")
         if values_checked and (int(actions.min()) < 0 or int(actions.max()) >= classes):
             raise ValueError(f"eps_greedy_pg_loss: an action is out of range for {classes} classes")
+    if isinstance(baseline, torch.Tensor):
+        if not baseline.is_floating_point() or baseline.shape not in ((), (batch,)):
+            raise ValueError(f"eps_greedy_pg_loss: baseline must be a float scalar or [{batch}] tensor, "
+                             f"got {baseline.dtype} {tuple(baseline.shape)}")
+        if baseline.device != logits.device:
+            raise ValueError(f"eps_greedy_pg_loss: baseline on {baseline.device} but logits on {logits.device}")
+        if values_checked and not bool(torch.isfinite(baseline).all()):
+            raise ValueError("eps_greedy_pg_loss: baseline holds a non-finite value")
+    elif baseline is not None and (isinstance(baseline, bool) or not isinstance(baseline, (int, float))
+                                   or not math.isfinite(baseline)):
+        raise ValueError(f"eps_greedy_pg_loss: baseline must be None, a finite number or a tensor, got {baseline!r}")
     return eps
 
 
@@ -89,6 +109,14 @@ def host_draw(generator: torch.Generator) -> int:
     """One 62-bit integer from `generator`: the whole draw of an op from a generator of another
     device (a CPU generator costs no device RNG, copy or sync)."""
     return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+
+
+def baseline_rows(baseline, logits) -> Optional[torch.Tensor]:
+    """The baseline as a detached fp32 [B] tensor on the logits' device (None stays None)."""
+    if baseline is None:
+        return None
+    b = torch.as_tensor(baseline, dtype=torch.float32, device=logits.device).detach()
+    return b.expand(logits.shape[0]).contiguous()
 
 
 def make_generator(device, seed=None, generator=None) -> Optional[torch.Generator]:
@@ -122,6 +150,11 @@ def floored_probs(logits: torch.Tensor, prob_floor: float) -> torch.Tensor:
 
 def sample_actions(logits, epsilon, explore="sample", prob_floor=0.0, generator=None):
     """Draw ε-greedy actions [B] from the policy (no gradient)."""
+    return draw_actions(logits, epsilon, explore, prob_floor, generator)[0]
+
+
+def draw_actions(logits, epsilon, explore="sample", prob_floor=0.0, generator=None):
+    """(actions [B], explored [B] bool): ε-greedy draws and which rows the ε coin chose."""
     batch, classes = logits.shape
     device = logits.device
     with torch.no_grad():
@@ -132,18 +165,20 @@ def sample_actions(logits, epsilon, explore="sample", prob_floor=0.0, generator=
             coin = torch.rand(batch, device=device, generator=generator) < epsilon
         else:
             coin = (torch.rand(1, device=device, generator=generator) < epsilon).expand(batch)
-        return torch.where(coin, uniform, policy)
+        return torch.where(coin, uniform, policy), coin
 
 
-def pg_loss_given_actions(logits, labels, actions, prob_floor=0.0, reduction="mean"):
-    """The differentiable part: −reduce(r · log π(a)) for fixed actions.  Returns (loss, rewards, logπ)."""
+def pg_loss_given_actions(logits, labels, actions, prob_floor=0.0, reduction="mean", shift=None):
+    """The differentiable part: −reduce((r − shift) · log π(a)) for fixed actions, `shift` the
+    per-row baseline already gated (None: 0).  Returns (loss, rewards, logπ); rewards unshifted."""
     if prob_floor > 0:
         q = floored_probs(logits, prob_floor)
         log_probs = torch.log(q.gather(1, actions[:, None]).squeeze(1) + prob_floor)
     else:
         log_probs = torch.log_softmax(_acc(logits), dim=-1).gather(1, actions[:, None]).squeeze(1)
     rewards = (actions == labels).float()
-    per_sample = -(rewards * log_probs)
+    advantage = rewards if shift is None else rewards - shift.to(log_probs.dtype)
+    per_sample = -(advantage * log_probs)
     if reduction == "mean":
         loss = per_sample.mean()
     elif reduction == "sum":
@@ -154,20 +189,27 @@ def pg_loss_given_actions(logits, labels, actions, prob_floor=0.0, reduction="me
 
 
 def eps_greedy_pg_loss_reference(logits, labels, epsilon, *, explore="sample", prob_floor=0.0,
-                                 generator=None, seed=None, reduction="mean", actions=None) -> PGLoss:
+                                 generator=None, seed=None, reduction="mean", actions=None,
+                                 baseline=None) -> PGLoss:
     """Torch reference (the specification) of the fused ε-greedy policy-gradient loss.
 
     `actions` may be given to evaluate the loss for fixed actions (no sampling): tests use it to
-    compare implementations that draw different random numbers.
+    compare implementations that draw different random numbers.  `baseline` (a number or [B]) is
+    subtracted from the reward of the rows that followed the policy (module docstring).
     """
-    eps = check_pg_inputs(logits, labels, epsilon, explore, prob_floor, reduction, actions)
+    eps = check_pg_inputs(logits, labels, epsilon, explore, prob_floor, reduction, actions,
+                          baseline=baseline)
     labels = labels.long()
+    shift = baseline_rows(baseline, logits)
     if actions is None:
         gen = make_generator(logits.device, seed, generator)
-        actions = sample_actions(logits.detach(), eps, explore, prob_floor, gen)
+        actions, explored = draw_actions(logits.detach(), eps, explore, prob_floor, gen)
+        if shift is not None:
+            shift = torch.where(explored, 0.0, shift)
     else:
         actions = actions.long()
-    loss, rewards, log_probs = pg_loss_given_actions(logits, labels, actions, prob_floor, reduction)
+    loss, rewards, log_probs = pg_loss_given_actions(logits, labels, actions, prob_floor, reduction,
+                                                     shift)
     return PGLoss(loss, actions, rewards, log_probs)
 
 
@@ -184,8 +226,9 @@ def eps_greedy_pg_loss_reference(logits, labels, epsilon, *, explore="sample", p
 #     logs per logit, which makes the kernel compute-bound on a GPU.
 #   * the floor f is a mixture: q = (1 − λ)·softmax + λ·uniform with λ = C·f / (1 + C·f), so a
 #     second coin picks the uniform action, exactly as the exploration coin does;
-#   * log π(a) with the reference's floor formula, reward, the per-row loss, and two per-row numbers
-#     for the backward: lse and coef, the per-row scale of the gradient (below).
+#   * log π(a) with the reference's floor formula, reward, the advantage A = r − g·b (the baseline,
+#     gated by the exploration coin), the per-row loss, and two per-row numbers for the backward:
+#     lse and coef, the per-row scale of the gradient (below).
 # All random numbers come from Philox counters (row, tile, stream) keyed by a seed read from a
 # device tensor (no host sync; torch.compile sees a tensor, not a changing Python int).
 #
@@ -194,7 +237,7 @@ def eps_greedy_pg_loss_reference(logits, labels, epsilon, *, explore="sample", p
 # one read of it, honours any grad_output in the same pass, and rows with zero reward (zero
 # gradient) skip the logits read entirely.
 #     ∂loss_i/∂x_ij = −g_i · coef_i · (1[j = a_i] − p_ij),
-#     coef_i = r_i (f = 0),   coef_i = r_i · p_a / (p_a + f·(2 + C·f)) (f > 0).
+#     coef_i = A_i (f = 0),   coef_i = A_i · p_a / (p_a + f·(2 + C·f)) (f > 0).
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 try:  # the reference must keep working where triton is absent
     import triton
@@ -215,10 +258,11 @@ if triton is not None:
 
     @triton.jit
     def _pg_fwd_kernel(logits_ptr, stride_b, stride_c, labels_ptr, actions_in_ptr, seed_ptr,
-                       loss_ptr, actions_ptr, rewards_ptr, logp_ptr, lse_ptr, coef_ptr,
+                       baseline_ptr, loss_ptr, actions_ptr, rewards_ptr, logp_ptr, lse_ptr, coef_ptr,
                        B, C, epsilon, prob_floor,
                        EXPLORE_BATCH: tl.constexpr, HAS_FLOOR: tl.constexpr,
-                       HAS_ACTIONS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                       HAS_ACTIONS: tl.constexpr, HAS_BASELINE: tl.constexpr, ROWS: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
         rmask = rows < B
@@ -238,7 +282,8 @@ if triton is not None:
                 _b0, _b1, _b2, b3 = tl.philox(seed, zero_u, zero_u, zero_u + 1, zero_u)
                 coin = tl.uint_to_uniform_float(b3)
             fixed_a = (r1 >> 1).to(tl.int32) % C
-            use_fixed = coin < epsilon
+            explored = coin < epsilon
+            use_fixed = explored
             if HAS_FLOOR:
                 mix = C * prob_floor / (1.0 + C * prob_floor)
                 use_fixed = use_fixed | (tl.uint_to_uniform_float(r2) < mix)
@@ -287,15 +332,21 @@ if triton is not None:
             x_a = tl.where(use_fixed, x_fixed, x_sel)
         x_a = tl.where(rmask, x_a, 0.0)
         reward = (action == labels).to(tl.float32)
+        advantage = reward
+        if HAS_BASELINE:
+            b = tl.load(baseline_ptr + rows, mask=rmask, other=0.0)
+            if not HAS_ACTIONS:
+                b = tl.where(explored, 0.0, b)  # explored rows keep their reward (module docstring)
+            advantage = reward - b
         if HAS_FLOOR:
             p_a = tl.exp(x_a - lse)
             q_a = (p_a + prob_floor) / (1.0 + C * prob_floor)
             logp = tl.log(q_a + prob_floor)
-            coef = reward * (p_a / (p_a + prob_floor * (2.0 + C * prob_floor)))
+            coef = advantage * (p_a / (p_a + prob_floor * (2.0 + C * prob_floor)))
         else:
             logp = x_a - lse
-            coef = reward
-        tl.store(loss_ptr + rows, -(reward * logp), mask=rmask)
+            coef = advantage
+        tl.store(loss_ptr + rows, -(advantage * logp), mask=rmask)
         tl.store(actions_ptr + rows, action.to(tl.int64), mask=rmask)
         tl.store(rewards_ptr + rows, reward, mask=rmask)
         tl.store(logp_ptr + rows, logp, mask=rmask)
@@ -356,7 +407,8 @@ def _pg_launch_config(batch: int, classes: int, block_c: int = 0, rows: int = 0)
     return block_c, rows, max(2, min(16, block_c * rows // 256))
 
 
-def _pg_fwd_triton(logits, labels, actions, seed, epsilon, explore_batch, prob_floor, block_c, rows):
+def _pg_fwd_triton(logits, labels, actions, seed, epsilon, explore_batch, prob_floor, block_c, rows,
+                   baseline=None):
     B, C = logits.shape
     dev = logits.device
     block_c, rows, warps = _pg_launch_config(B, C, block_c, rows)
@@ -367,9 +419,10 @@ def _pg_fwd_triton(logits, labels, actions, seed, epsilon, explore_batch, prob_f
         _pg_fwd_kernel[(triton.cdiv(B, rows),)](
             logits, logits.stride(0), logits.stride(1), labels.contiguous(),
             actions.contiguous() if has_actions else labels, seed,
+            baseline.contiguous() if baseline is not None else out[0],
             *out, B, C, float(epsilon), float(prob_floor),
             EXPLORE_BATCH=bool(explore_batch), HAS_FLOOR=prob_floor > 0, HAS_ACTIONS=has_actions,
-            ROWS=rows, BLOCK_C=block_c, num_warps=warps)
+            HAS_BASELINE=baseline is not None, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
     return tuple(out)
 
 
@@ -385,19 +438,22 @@ def _pg_bwd_triton(grad_rows, logits, lse, actions, coef, block_c=0, rows=0):
 
 
 # ── torch reference of the two op halves (the ops' CPU kernel where Triton cannot run) ─────────
-def _pg_fwd_torch(logits, labels, actions, seed, epsilon, explore_batch, prob_floor):
+def _pg_fwd_torch(logits, labels, actions, seed, epsilon, explore_batch, prob_floor, baseline=None):
+    shift = baseline
     if actions is None:
         gen = make_generator(logits.device, int(seed.reshape(-1)[0]))
-        actions = sample_actions(logits, epsilon, "batch" if explore_batch else "sample",
-                                 prob_floor, gen)
+        actions, explored = draw_actions(logits, epsilon, "batch" if explore_batch else "sample",
+                                         prob_floor, gen)
+        if shift is not None:
+            shift = torch.where(explored, 0.0, shift)
     actions = actions.long().clone()
     loss_rows, rewards, log_probs = pg_loss_given_actions(logits.detach(), labels, actions,
-                                                          prob_floor, "none")
+                                                          prob_floor, "none", shift)
     lse = torch.logsumexp(logits.detach().float(), dim=1)
-    coef = rewards.clone()
+    coef = rewards.clone() if shift is None else rewards - shift.float()
     if prob_floor > 0:
         p_a = torch.exp(logits.detach().float().gather(1, actions[:, None]).squeeze(1) - lse)
-        coef = rewards * p_a / (p_a + prob_floor * (2.0 + logits.shape[1] * prob_floor))
+        coef = coef * p_a / (p_a + prob_floor * (2.0 + logits.shape[1] * prob_floor))
     return loss_rows.float(), actions, rewards, log_probs.float(), lse, coef.float()
 
 
@@ -415,18 +471,20 @@ def _pg_bwd_torch(grad_rows, logits, lse, actions, coef):
 @torch.library.custom_op("aerl_fast::pg_loss_fwd", mutates_args=())
 def pg_loss_fwd_op(logits: torch.Tensor, labels: torch.Tensor, actions: Optional[torch.Tensor],
                    seed: torch.Tensor, epsilon: float, explore_batch: bool, prob_floor: float,
-                   block_c: int = 0, rows: int = 0
+                   block_c: int = 0, rows: int = 0, baseline: Optional[torch.Tensor] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor]:
-    """Per-row (loss, action, reward, logπ, lse, coef); reduction and autograd live outside."""
+    """Per-row (loss, action, reward, logπ, lse, coef); reduction and autograd live outside.
+    `baseline`: fp32 [B], the per-row reward shift (gated by the exploration coin)."""
     if triton_enabled(logits.device):
         return _pg_fwd_triton(logits, labels, actions, seed, epsilon, explore_batch, prob_floor,
-                              block_c, rows)
-    return _pg_fwd_torch(logits, labels, actions, seed, epsilon, explore_batch, prob_floor)
+                              block_c, rows, baseline)
+    return _pg_fwd_torch(logits, labels, actions, seed, epsilon, explore_batch, prob_floor, baseline)
 
 
 @pg_loss_fwd_op.register_fake
-def _(logits, labels, actions, seed, epsilon, explore_batch, prob_floor, block_c=0, rows=0):
+def _(logits, labels, actions, seed, epsilon, explore_batch, prob_floor, block_c=0, rows=0,
+      baseline=None):
     B = logits.shape[0]
     f = lambda dt: logits.new_empty((B,), dtype=dt)  # noqa: E731
     return f(torch.float32), f(torch.int64), f(torch.float32), f(torch.float32), \
@@ -454,7 +512,7 @@ def _pg_setup_context(ctx, inputs, output):
 
 def _pg_backward(ctx, g_loss, *_unused):
     logits, lse, actions, coef = ctx.saved_tensors
-    return pg_loss_bwd_op(g_loss, logits, lse, actions, coef), *([None] * 8)
+    return pg_loss_bwd_op(g_loss, logits, lse, actions, coef), *([None] * 9)
 
 
 pg_loss_fwd_op.register_autograd(_pg_backward, setup_context=_pg_setup_context)
@@ -485,12 +543,13 @@ def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def eps_greedy_pg_loss_fused(logits, labels, epsilon, *, explore="sample", prob_floor=0.0,
                              generator=None, seed=None, reduction="mean", actions=None,
-                             checked=False, block_c=0, rows=0) -> PGLoss:
+                             baseline=None, checked=False, block_c=0, rows=0) -> PGLoss:
     """The fused op (Triton where it can run, else the op's torch kernel), same contract as the
     reference.  `checked=True` skips the input checks the caller already ran; `block_c`/`rows`
     override the launch shape (tests use them to force several tiles on small rows)."""
     eps = float(epsilon) if checked else check_pg_inputs(logits, labels, epsilon, explore,
-                                                         prob_floor, reduction, actions)
+                                                         prob_floor, reduction, actions,
+                                                         baseline=baseline)
     if actions is not None:
         actions = actions.long()
         seed_t = torch.zeros(1, dtype=torch.int64, device=logits.device)
@@ -498,5 +557,5 @@ def eps_greedy_pg_loss_fused(logits, labels, epsilon, *, explore="sample", prob_
         seed_t = kernel_seed(logits.device, seed, generator)
     loss_rows, acts, rewards, log_probs, _lse, _coef = pg_loss_fwd_op(
         logits, labels.long(), actions, seed_t, eps, explore == "batch", float(prob_floor),
-        block_c, rows)
+        block_c, rows, baseline_rows(baseline, logits))
     return PGLoss(_reduce(loss_rows, reduction), acts, rewards.detach(), log_probs.detach())

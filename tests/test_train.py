@@ -8,6 +8,7 @@ import torch
 
 import aerl_fast
 from aerl_fast import train as train_mod
+from kill_resume import assert_same_weights, crash_and_resume
 
 TINY = ["--dataset", "shapes", "--model", "alicnn", "--width", "0.25", "--train-subset", "480",
         "--batch-size", "32", "--no-progress", "--eval-batch-size", "256"]
@@ -53,26 +54,9 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     train_mod.main(args + ["--out", str(ref)])
 
     crashed = tmp_path / "crashed"
-    from aerl_fast.train import trainer as trainer_mod
-    real_save = trainer_mod.save_checkpoint
-    calls = {"n": 0}
-
-    def crash_after_seventh(state, path):
-        real_save(state, path)
-        calls["n"] += 1
-        if calls["n"] == 7:  # mid-epoch 1 (15 batches per epoch, a checkpoint after each)
-            raise RuntimeError("simulated crash")
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", crash_after_seventh)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_mod.main(args + ["--out", str(crashed)])
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
-    state = torch.load(crashed / "last.pt", weights_only=True)
+    state = crash_and_resume(monkeypatch, args, crashed)  # 15 batches per epoch, a checkpoint after each
     assert state["epoch"] == 0 and 0 < state["step"] < 15
-    train_mod.main(["--resume", str(crashed), "--no-progress"])
-    a, b = _weights(ref), _weights(crashed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(ref, crashed)
     strip = lambda p: [{k: v for k, v in json.loads(ln).items() if k not in ("images_per_s", "epoch_s")}  # noqa: E731
                        for ln in (p / "log.jsonl").read_text().splitlines()]
     assert strip(ref) == strip(crashed)

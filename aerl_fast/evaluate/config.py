@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from aerl_fast.attacks import BUDGETS, LOSSES, NORMS, STAGES as AA_STAGES, STANDARD as AA_STANDARD
 from aerl_fast.data.imagefolder import DECODERS

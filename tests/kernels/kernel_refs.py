@@ -10,9 +10,11 @@ import torch
 STUDY_FLOOR = 1e-6
 
 
-def pg_loss_f64(logits, labels, actions, prob_floor=0.0, reduction="mean", grad_output=None):
+def pg_loss_f64(logits, labels, actions, prob_floor=0.0, reduction="mean", grad_output=None,
+                shift=None):
     """(loss, ∂loss/∂logits) in float64 for fixed actions: q = (softmax + f)/(1 + C·f),
-    logπ = log(q[a] + f), r = 1[a = label], loss = −reduce(r·logπ)."""
+    logπ = log(q[a] + f), r = 1[a = label], loss = −reduce((r − shift)·logπ), `shift` a per-row
+    baseline (None: 0)."""
     x = logits.detach().double().requires_grad_(True)
     C = x.shape[1]
     z = x - x.max(dim=1, keepdim=True).values
@@ -23,6 +25,8 @@ def pg_loss_f64(logits, labels, actions, prob_floor=0.0, reduction="mean", grad_
     else:
         logp = z[torch.arange(len(x)), actions] - z.exp().sum(dim=1).log()
     r = (actions == labels).double()
+    if shift is not None:
+        r = r - torch.as_tensor(shift, dtype=torch.float64)
     per_row = -(r * logp)
     loss = {"mean": per_row.mean, "sum": per_row.sum, "none": lambda: per_row}[reduction]()
     go = torch.ones_like(loss) if grad_output is None else grad_output.double()

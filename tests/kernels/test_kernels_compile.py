@@ -42,19 +42,20 @@ SCRIPT = textwrap.dedent(r"""
 
     def fwd_sig(dt):
         return {"logits_ptr": "*" + dt, "stride_b": "i32", "stride_c": "i32", "labels_ptr": "*i64",
-                "actions_in_ptr": "*i64", "seed_ptr": "*i64", "loss_ptr": "*fp32",
+                "actions_in_ptr": "*i64", "seed_ptr": "*i64", "baseline_ptr": "*fp32", "loss_ptr": "*fp32",
                 "actions_ptr": "*i64", "rewards_ptr": "*fp32", "logp_ptr": "*fp32",
                 "lse_ptr": "*fp32", "coef_ptr": "*fp32", "B": "i32", "C": "i32",
                 "epsilon": "fp32", "prob_floor": "fp32", "EXPLORE_BATCH": "constexpr",
-                "HAS_FLOOR": "constexpr", "HAS_ACTIONS": "constexpr", "ROWS": "constexpr",
-                "BLOCK_C": "constexpr"}
+                "HAS_FLOOR": "constexpr", "HAS_ACTIONS": "constexpr", "HAS_BASELINE": "constexpr",
+                "ROWS": "constexpr", "BLOCK_C": "constexpr"}
 
-    cases = [(10, "fp32", False, False, False), (1000, "bf16", True, True, False),
-             (5000, "fp16", False, True, True)]
-    for C, dt, batch, floor, acts in cases:
+    cases = [(10, "fp32", False, False, False, False), (10, "fp32", False, False, False, True),
+             (1000, "bf16", True, True, False, True), (5000, "fp16", False, True, True, True)]
+    for C, dt, batch, floor, acts, base in cases:
         bc, rows, w = P._pg_launch_config(256, C)
         build(P._pg_fwd_kernel, fwd_sig(dt), {"EXPLORE_BATCH": batch, "HAS_FLOOR": floor,
-              "HAS_ACTIONS": acts, "ROWS": rows, "BLOCK_C": bc}, w, f"fwd C={C} {dt}")
+              "HAS_ACTIONS": acts, "HAS_BASELINE": base, "ROWS": rows, "BLOCK_C": bc}, w,
+              f"fwd C={C} {dt}" + (" baseline" if base else ""))
         build(P._pg_bwd_kernel, {"grad_rows_ptr": "*fp32", "logits_ptr": "*" + dt,
               "stride_b": "i32", "stride_c": "i32", "lse_ptr": "*fp32", "actions_ptr": "*i64",
               "coef_ptr": "*fp32", "grad_ptr": "*" + dt, "B": "i32", "C": "i32",
@@ -83,4 +84,4 @@ def test_kernels_compile_for_sm90(tmp_path):
     res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][6:])
     if "toolchain" in res:
         pytest.skip(f"triton cannot compile for sm_90 here: {res['toolchain']}")
-    assert len(res["built"]) == 8, res
+    assert len(res["built"]) == 10, res
