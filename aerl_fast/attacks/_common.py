@@ -209,7 +209,8 @@ def check_sample_ids(sample_ids, batch: int, device) -> torch.Tensor:
         return torch.arange(batch, device=device)
     ids = torch.as_tensor(sample_ids, device=device, dtype=torch.int64)
     if ids.shape != (batch,) or bool((ids < 0).any()):
-        raise AttackError(f"sample_ids must be a [{batch}] tensor of ids >= 0")
+        raise AttackError(f"sample_ids must be a [{batch}] tensor of ids >= 0, got shape {tuple(ids.shape)} "
+                          f"(min {int(ids.min()) if ids.numel() else 'none'})")
     return ids
 
 

@@ -28,7 +28,7 @@ loss against an unset entry).
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from ._common import AttackError, attack_mode, dlr_loss, margin
 from .budget import StallRule, rule_for
 
 APGD_LOSSES = ("ce", "dlr")
+Hook = Callable[[int, torch.Tensor, Dict[str, torch.Tensor]], None]
 STREAMS = {"ce": 1, "dlr": 2}  # random-stream codes; a targeted run adds 16 x its target rank
 
 
@@ -66,6 +67,14 @@ def checkpoints(steps: int) -> List[int]:
         k = max(k - shrink, floor)
         w += k
     return out
+
+
+def halve(n_up: torch.Tensor, window: int, reduced: torch.Tensor, best_then: torch.Tensor,
+          best_now: torch.Tensor, rho: float = 0.75) -> torch.Tensor:
+    """The paper's two conditions at a checkpoint, per row: fewer than rho of the window's steps
+    increased the loss, or the step was not halved at the last checkpoint and the best loss has
+    not grown since."""
+    return (n_up < rho * window) | (~reduced & (best_then >= best_now))
 
 
 def _loss_fn(rows: Rows, loss: str):
@@ -93,9 +102,12 @@ def _start(tg: Target, idx, x0, eps, stream: int, restart: int) -> torch.Tensor:
 
 def run_apgd(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Tensor, *, steps: int,
              loss: str, stream: int, restart: int = 0, rho: float = 0.75,
-             rule: Optional[StallRule] = None, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+             rule: Optional[StallRule] = None, target: Optional[torch.Tensor] = None,
+             hook: Optional[Hook] = None) -> torch.Tensor:
     """One APGD run on the samples `idx` of `tg`; fills `out`/`fooled`.  `target`: [len(idx)]
-    target classes for a targeted run.  Returns the [N] mask of samples the rule gave up on."""
+    target classes for a targeted run.  `hook(i, rows, state)` sees the state after the start
+    (i = -1) and after every iteration's step-size review (before broken rows leave).  Returns
+    the [N] mask of samples the rule gave up on."""
     rows = Rows(tg, idx, out, fooled)
     x0, eps = tg.x0[idx], tg.eps[idx]
     rows["x0"], rows["y"], rows["eps"] = x0, tg.y[idx], eps
@@ -111,6 +123,8 @@ def run_apgd(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Ten
                       l_check=l, n_up=torch.zeros(n, device=l.device), step=2 * eps,
                       reduced=torch.ones(n, dtype=torch.bool, device=l.device), m_best=m, m_check=m,
                       strikes=torch.zeros(n, dtype=torch.int32, device=l.device))
+    if hook is not None:
+        hook(-1, rows.idx, rows.state)
     if not rows.compact(0):
         return rows.gave_up
     marks, last = checkpoints(steps), 0
@@ -136,7 +150,7 @@ def run_apgd(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Ten
         drop = None
         if marks and i + 1 == marks[0]:
             window, last = marks[0] - last, marks.pop(0)
-            red = (s["n_up"] < rho * window) | (~s["reduced"] & (s["l_check"] >= s["l_best"]))
+            red = halve(s["n_up"], window, s["reduced"], s["l_check"], s["l_best"], rho)
             s["step"] = torch.where(red, s["step"] / 2, s["step"])
             s["x"] = torch.where(red.view(col), s["x_best"], s["x"])
             s["g"] = torch.where(red.view(col), s["g_best"], s["g"])
@@ -144,6 +158,8 @@ def run_apgd(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Ten
             if rule is not None:
                 s["strikes"], drop = rule.review(s["m_best"], s["m_check"], window, steps - i - 1, s["strikes"])
                 s["m_check"] = s["m_best"]
+        if hook is not None:
+            hook(i, rows.idx, s)
         if not rows.compact(i + 1, drop=drop):
             return rows.gave_up
     rows.finish()
@@ -157,7 +173,8 @@ def target_ranks(clean_logits: torch.Tensor) -> torch.Tensor:
 
 def run_apgd_stage(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Tensor, *,
                    steps: int, loss: str, targets: int, restarts: int, rho: float,
-                   rule: Optional[StallRule], clean_logits: Optional[torch.Tensor]) -> None:
+                   rule: Optional[StallRule], clean_logits: Optional[torch.Tensor],
+                   hook: Optional[Hook] = None) -> None:
     """APGD (targets = 0) or APGD-T over `targets` classes, `restarts` runs each, on `idx`; each
     run attacks the samples still unbroken (and, under a budget rule, not given up)."""
     gave_up = torch.zeros_like(fooled)
@@ -170,18 +187,20 @@ def run_apgd_stage(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: tor
                 return
             tgt = order[live, rank - 1] if targets else None
             gave_up |= run_apgd(tg, live, out, fooled, steps=steps, loss=loss, stream=stream,
-                                restart=r, rho=rho, rule=rule, target=tgt)
+                                restart=r, rho=rho, rule=rule, target=tgt, hook=hook)
 
 
 def apgd(model, x, y, *, eps, norm: str = "linf", steps: int = 100, loss: str = "ce",
          targets: int = 0, restarts: int = 1, rho: float = 0.75, seed: int = 0, sample_ids=None,
          clamp=True, budget: str = "full", amp: bool = False,
-         compact_every: Optional[int] = None) -> APGDResult:
+         compact_every: Optional[int] = None, hook: Optional[Hook] = None) -> APGDResult:
     """APGD on the summed per-sample `loss` ("ce" or "dlr"); `targets` > 0 runs APGD-T over that
     many target classes.  eps: a float or a [B] tensor (> 0).  seed / sample_ids key each
     sample's random starts (default ids: the row index).  budget "fast" stops points that make no
     progress (`aerl_fast.attacks.budget`).  amp: bf16 autocast where the device has it (the
-    fooling decision is the bf16 model's; `autoattack_fast` re-checks in fp32).  Only clean-correct
+    fooling decision is the bf16 model's; `autoattack_fast` re-checks in fp32).  hook(i, rows,
+    state): called with each run's state after the start (i = -1) and after every iteration
+    (rows: sample indices; state: x, x_best, l_best, step, ... per row).  Only clean-correct
     samples are attacked (a misclassified one counts as fooled, with its clean image)."""
     if loss not in APGD_LOSSES:
         raise AttackError(f"unknown APGD loss {loss!r}; choose one of {', '.join(APGD_LOSSES)}")
@@ -201,5 +220,5 @@ def apgd(model, x, y, *, eps, norm: str = "linf", steps: int = 100, loss: str = 
         out = tg.x0.clone()
         run_apgd_stage(tg, (~fooled).nonzero().squeeze(1), out, fooled, steps=int(steps), loss=loss,
                        targets=int(targets), restarts=int(restarts), rho=float(rho),
-                       rule=rule_for(budget), clean_logits=clean)
+                       rule=rule_for(budget), clean_logits=clean, hook=hook)
     return APGDResult(out, fooled, tg.forwards, tg.backwards)

@@ -179,9 +179,11 @@ def _candidate(tg: Target, x0, x_best, eps, key, it, s):
 
 def run_square(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Tensor, *,
                queries: int, p_init: float = 0.8, rescale: bool = False, restart: int = 0,
-               rule: Optional[StallRule] = None) -> torch.Tensor:
+               rule: Optional[StallRule] = None, hook=None) -> torch.Tensor:
     """One Square run (`queries` iterations after the start) on the samples `idx` of `tg`;
-    fills `out`/`fooled`; returns the [N] mask of samples the rule gave up on."""
+    fills `out`/`fooled`; returns the [N] mask of samples the rule gave up on.  `hook(i, rows,
+    state)` sees the state after the start (i = -1) and after every iteration (state["cand"]:
+    that iteration's proposals)."""
     if tg.x0.dim() != 4:
         raise AttackError(f"Square attacks [B, C, H, W] images, got shape {tuple(tg.x0.shape)}")
     rows = Rows(tg, idx, out, fooled)
@@ -194,6 +196,8 @@ def run_square(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.T
     m = margin(z, rows["y"])
     rows.state.update(x_best=x, m_best=m, m_check=m,
                       strikes=torch.zeros(len(rows), dtype=torch.int32, device=m.device))
+    if hook is not None:
+        hook(-1, rows.idx, rows.state)
     if not rows.compact(0):
         return rows.gave_up
     _, c, h, w = x0.shape
@@ -212,6 +216,8 @@ def run_square(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.T
             s["strikes"], drop = rule.review(s["m_best"], s["m_check"], rule.square_every,
                                              queries - i - 1, s["strikes"])
             s["m_check"] = s["m_best"]
+        if hook is not None:
+            hook(i, rows.idx, dict(s, cand=cand))
         if not rows.compact(i + 1, drop=drop):
             return rows.gave_up
     rows.finish()
@@ -220,11 +226,12 @@ def run_square(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.T
 
 def square(model, x, y, *, eps, norm: str = "linf", queries: int = 5000, p_init: float = 0.8,
            rescale_schedule: bool = False, seed: int = 0, sample_ids=None, clamp=True,
-           budget: str = "full", amp: bool = False, compact_every: Optional[int] = None) -> SquareResult:
+           budget: str = "full", amp: bool = False, compact_every: Optional[int] = None,
+           hook=None) -> SquareResult:
     """Square attack on the clean-correct samples of x ([B, C, H, W] in [0, 1]); eps a float or a
     [B] tensor (> 0).  queries: iterations after the start (AutoAttack: 5000).  seed / sample_ids
     key each sample's draws.  budget "fast" stops points that make no progress
-    (`aerl_fast.attacks.budget`)."""
+    (`aerl_fast.attacks.budget`).  hook(i, rows, state): see `run_square`."""
     if int(queries) != queries or queries < 1:
         raise AttackError(f"queries must be an integer >= 1, got {queries}")
     if not 0 < p_init <= 1:
@@ -236,5 +243,5 @@ def square(model, x, y, *, eps, norm: str = "linf", queries: int = 5000, p_init:
         fooled = clean.argmax(1) != tg.y
         out = tg.x0.clone()
         run_square(tg, (~fooled).nonzero().squeeze(1), out, fooled, queries=int(queries),
-                   p_init=float(p_init), rescale=rescale_schedule, rule=rule_for(budget))
+                   p_init=float(p_init), rescale=rescale_schedule, rule=rule_for(budget), hook=hook)
     return SquareResult(out, fooled, tg.forwards)
