@@ -8,8 +8,9 @@ Strict:     BENCH_STRICT=1 turns the issue's targets into assertions (ratios on 
 
 Groups (the PGD and early-stop variants also run as separate pytest-benchmark tests, for its
 table; the interleaved `test_ratio_*` figures are the ones to compare):
-- Our attacks run on the channels_last copy `aerl_fast.evaluate` makes (`laid_out`); torchattacks
-  and the study-style loop get the NCHW model, as they would.
+- Every attack gets the same NCHW model, as a user calling the Python API would hand it over; our
+  `pgd` attacks a channels_last copy of it internally (`runtime.fast_eval_copy`, the copy's cost
+  included in the times).
 - "pgd-l2 alicnn-w1 B=128 10 steps" (untrained AliCNN at the study's width, eval mode, no early
   stop): ours (last iterate, clamp) vs torchattacks.PGDL2; ours (no clamp, the study's preset,
   with and without statistics) vs a cleverhans-style loop like the study's: trainable parameters
@@ -39,7 +40,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import aerl_fast  # noqa: E402
-from aerl_fast import runtime  # noqa: E402
 from aerl_fast.analysis import GradStatsTracker  # noqa: E402
 from aerl_fast.attacks import pgd  # noqa: E402
 from aerl_fast.models import build_model  # noqa: E402
@@ -89,19 +89,8 @@ def study_style_pgd_l2(model, x, y, eps=EPS, alpha=ALPHA, steps=STEPS):
     return x_adv, stats
 
 
-_LAID_OUT = {}
-
-
-def laid_out(model):
-    """The model our attacks get inside `aerl_fast.evaluate`: `runtime.fast_eval_copy` (channels_last
-    on the CPU); the peers and the study-style loop get the NCHW model, as they would."""
-    if id(model) not in _LAID_OUT:
-        _LAID_OUT[id(model)] = (model, runtime.fast_eval_copy(model))  # keeps `model` alive: ids stay unique
-    return _LAID_OUT[id(model)][1]
-
-
 def ours_last(model, x, y, clamp=True, steps=STEPS, tracker=None):
-    out = pgd(laid_out(model), x, y, eps=EPS, step=ALPHA, steps=steps, norm="l2", clamp=clamp, seed=0,
+    out = pgd(model, x, y, eps=EPS, step=ALPHA, steps=steps, norm="l2", clamp=clamp, seed=0,
               tracker=tracker)
     if tracker is not None:
         tracker.summary()  # the one host read of the statistics
@@ -259,7 +248,7 @@ def test_ratio_no_early_stop(benchmark, wide):
                                     ("ours (no clamp)", "study-style loop + statistics"),
                                     ("ours (no clamp) + statistics", "study-style loop + statistics")],
                      B, benchmark)
-    assert all(p.requires_grad for p in laid_out(model).parameters())  # our attack restored them
+    assert all(p.requires_grad for p in model.parameters())  # our attack left the caller's model alone
     if STRICT:
         assert ratios["ours (clamp) vs torchattacks PGDL2"][0] >= 1.0
         assert ratios["ours (no clamp) + statistics vs study-style loop + statistics"][0] >= 1.3
@@ -270,8 +259,7 @@ def test_ratio_no_early_stop(benchmark, wide):
 def test_ours_early_stop(benchmark, trained):
     label, model, x, y = trained
     benchmark.group = f"{ES_GROUP}, SL {label}"
-    fast = laid_out(model)
-    benchmark.pedantic(lambda: pgd(fast, x, y, eps=EPS, step=ALPHA, steps=ES_STEPS, norm="l2",
+    benchmark.pedantic(lambda: pgd(model, x, y, eps=EPS, step=ALPHA, steps=ES_STEPS, norm="l2",
                                    early_stop=True, seed=0), rounds=2, iterations=1)
 
 
@@ -288,7 +276,7 @@ def test_ratio_early_stop(benchmark, trained):
     out = {}
 
     def ours():
-        out["ours"] = pgd(laid_out(model), x, y, eps=EPS, step=ALPHA, steps=ES_STEPS, norm="l2",
+        out["ours"] = pgd(model, x, y, eps=EPS, step=ALPHA, steps=ES_STEPS, norm="l2",
                           early_stop=True, seed=0, return_result=True)
 
     def theirs():
