@@ -43,6 +43,7 @@ import aerl_fast  # noqa: E402
 from aerl_fast.analysis import GradStatsTracker  # noqa: E402
 from aerl_fast.attacks import pgd  # noqa: E402
 from aerl_fast.models import build_model  # noqa: E402
+from cifar_runs import CIFAR_DIR, cifar_available, cifar_test, train_cifar  # noqa: E402
 from eval_fixtures import trained_runs  # noqa: E402
 
 torchattacks = pytest.importorskip("torchattacks")
@@ -53,8 +54,6 @@ B, STEPS, EPS, ALPHA = 128, 10, 1.0, 0.1
 ES_STEPS = 100
 GROUP = f"pgd-l2 alicnn-w1 B={B} {STEPS} steps threads={THREADS}"
 ES_GROUP = f"early stop, L2 eps {EPS} step {ALPHA}, B={B} {ES_STEPS} steps threads={THREADS}"
-CIFAR_DIR = Path(os.environ.get("BENCH_CIFAR_DIR",
-                                Path(__file__).resolve().parents[2] / "shared" / "data"))
 TRACK_GROUP = f"tracking overhead alicnn-w1 B={B} {STEPS} steps threads={THREADS}"
 
 
@@ -120,56 +119,15 @@ def _runs_root(tmp_path_factory):
     return Path(os.environ.get("BENCH_RUNS_DIR") or tmp_path_factory.mktemp("runs"))
 
 
-def _train_cifar_sl(root: Path):
-    """SL AliCNN (width 0.5) on the CIFAR-10 training images found in CIFAR_DIR: 800 AdamW steps
-    of 64 with random horizontal flips (~70 s on one core; ~59% test accuracy on data_batch_1
-    alone). Cached as a run folder under `root`."""
-    import numpy as np
-    from aerl_fast.data import CHANNEL_STATS
-    from aerl_fast.objectives import ObjectiveConfig, train_step
-    from eval_fixtures import write_run
-
-    run = root / "cifar10-alicnn-w0.5-sl"
-    if (run / "best.pt").is_file():
-        return run
-    tr = aerl_fast.load_dataset("cifar10", CIFAR_DIR, "train")
-    x = torch.from_numpy(np.array(tr.images)).permute(0, 3, 1, 2).float().div_(255)
-    y = torch.from_numpy(np.array(tr.labels, dtype=np.int64))
-    mean, std = CHANNEL_STATS["cifar10"]
-    torch.manual_seed(0)
-    model = build_model("alicnn", 10, width=0.5, mean=mean, std=std)
-    opt = torch.optim.AdamW(model.parameters(), 2e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(800):
-        idx = torch.randint(0, x.shape[0], (64,), generator=gen)
-        flip = torch.rand(64, generator=gen) < 0.5
-        xb = torch.where(flip[:, None, None, None], x[idx].flip(3), x[idx])
-        opt.zero_grad(set_to_none=True)
-        train_step(model, xb, y[idx], ObjectiveConfig(kind="sl"), adv_active=False)
-        opt.step()
-    te = aerl_fast.load_dataset("cifar10", CIFAR_DIR, "test")
-    xt = torch.from_numpy(np.array(te.images)).permute(0, 3, 1, 2).float().div_(255)
-    with torch.no_grad():
-        acc = float((model.eval()(xt).argmax(1) == torch.from_numpy(np.array(te.labels))).double().mean())
-    spec = dict(name="alicnn", width=0.5, num_classes=10, mean=list(mean), std=list(std), image_size=32)
-    write_run(run, model, "sl", spec, acc, dataset="cifar10", data_dir=str(CIFAR_DIR))
-    return run
-
-
 @pytest.fixture(scope="module", params=["cifar10-alicnn-w0.5", "shapes-alicnn-w0.25"])
 def trained(request, tmp_path_factory):
     """(label, SL model, first B test images, labels)."""
-    import numpy as np
     root = _runs_root(tmp_path_factory)
     if request.param.startswith("cifar10"):
-        if not (CIFAR_DIR / "cifar-10-batches-py").is_dir():
+        if not cifar_available():
             pytest.skip(f"no CIFAR-10 at {CIFAR_DIR} (set BENCH_CIFAR_DIR)")
-        model = aerl_fast.load_model(_train_cifar_sl(root))
-        te = aerl_fast.load_dataset("cifar10", CIFAR_DIR, "test")
-        x = torch.from_numpy(np.array(te.images[:B])).permute(0, 3, 1, 2).float().div_(255).contiguous()
-        y = torch.from_numpy(np.array(te.labels[:B], dtype=np.int64))
-        return request.param, model, x, y
+        x, y = cifar_test(B)
+        return request.param, aerl_fast.load_model(train_cifar(root, "sl")), x, y
     runs = trained_runs(root)
     return request.param, aerl_fast.load_model(runs.dirs["sl"]), runs.x[:B].clone(), runs.y[:B].clone()
 

@@ -87,7 +87,6 @@ class Rows:
         self.state: Dict[str, torch.Tensor] = {}
         self._pending: Optional[torch.Tensor] = None   # fooled, not yet compacted away
         self._stash: Optional[torch.Tensor] = None     # their first fooling iterate
-        self.gave_up = torch.zeros_like(fooled)        # rows the budget rule stopped
 
     def __len__(self) -> int:
         return int(self.idx.shape[0])
@@ -127,8 +126,6 @@ class Rows:
             if sel.numel():
                 self.out[self.idx[sel]] = self._stash[sel]
                 self.fooled[self.idx[sel]] = True
-        if drop is not None:
-            self.gave_up[self.idx[drop]] = True
         keep = (~leave).nonzero().squeeze(1)
         self.idx = self.idx[keep]
         self.state = {k: (v[keep] if isinstance(v, torch.Tensor) else v) for k, v in self.state.items()}

@@ -103,11 +103,11 @@ def _start(tg: Target, idx, x0, eps, stream: int, restart: int) -> torch.Tensor:
 def run_apgd(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Tensor, *, steps: int,
              loss: str, stream: int, restart: int = 0, rho: float = 0.75,
              rule: Optional[StallRule] = None, target: Optional[torch.Tensor] = None,
-             hook: Optional[Hook] = None) -> torch.Tensor:
+             hook: Optional[Hook] = None) -> None:
     """One APGD run on the samples `idx` of `tg`; fills `out`/`fooled`.  `target`: [len(idx)]
-    target classes for a targeted run.  `hook(i, rows, state)` sees the state after the start
-    (i = -1) and after every iteration's step-size review (before broken rows leave).  Returns
-    the [N] mask of samples the rule gave up on."""
+    target classes for a targeted run.  `rule` ends the run early for points off course.
+    `hook(i, rows, state)` sees the state after the start (i = -1) and after every iteration's
+    step-size review (before broken rows leave)."""
     rows = Rows(tg, idx, out, fooled)
     x0, eps = tg.x0[idx], tg.eps[idx]
     rows["x0"], rows["y"], rows["eps"] = x0, tg.y[idx], eps
@@ -121,13 +121,13 @@ def run_apgd(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Ten
     n = len(rows)
     rows.state.update(x=x, x_prev=x, g=g, x_best=x.clone(), g_best=g.clone(), l_best=l, l_prev=l,
                       l_check=l, n_up=torch.zeros(n, device=l.device), step=2 * eps,
-                      reduced=torch.ones(n, dtype=torch.bool, device=l.device), m_best=m, m_check=m,
-                      strikes=torch.zeros(n, dtype=torch.int32, device=l.device))
+                      reduced=torch.ones(n, dtype=torch.bool, device=l.device), m_best=m,
+                      m_hist=m[:, None], strikes=torch.zeros(n, dtype=torch.int32, device=l.device))
     if hook is not None:
         hook(-1, rows.idx, rows.state)
     if not rows.compact(0):
-        return rows.gave_up
-    marks, last = checkpoints(steps), 0
+        return
+    marks, last, reviewed = checkpoints(steps), 0, [0]
     col = (-1,) + (1,) * (x0.dim() - 1)
     for i in range(steps):
         s = rows.state
@@ -156,14 +156,14 @@ def run_apgd(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Ten
             s["g"] = torch.where(red.view(col), s["g_best"], s["g"])
             s.update(reduced=red, l_check=s["l_best"], n_up=torch.zeros_like(s["n_up"]))
             if rule is not None:
-                s["strikes"], drop = rule.review(s["m_best"], s["m_check"], window, steps - i - 1, s["strikes"])
-                s["m_check"] = s["m_best"]
+                s["m_hist"] = torch.cat([s["m_hist"], s["m_best"][:, None]], 1)
+                reviewed.append(i + 1)
+                s["strikes"], drop = rule.review(s["m_hist"], reviewed, steps - i - 1, s["strikes"])
         if hook is not None:
             hook(i, rows.idx, s)
         if not rows.compact(i + 1, drop=drop):
-            return rows.gave_up
+            return
     rows.finish()
-    return rows.gave_up
 
 
 def target_ranks(clean_logits: torch.Tensor) -> torch.Tensor:
@@ -176,18 +176,17 @@ def run_apgd_stage(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: tor
                    rule: Optional[StallRule], clean_logits: Optional[torch.Tensor],
                    hook: Optional[Hook] = None) -> None:
     """APGD (targets = 0) or APGD-T over `targets` classes, `restarts` runs each, on `idx`; each
-    run attacks the samples still unbroken (and, under a budget rule, not given up)."""
-    gave_up = torch.zeros_like(fooled)
+    run attacks the samples still unbroken."""
     order = target_ranks(clean_logits) if targets else None
     for rank in (range(2, targets + 2) if targets else [0]):
         stream = STREAMS[loss] + 16 * rank
         for r in range(restarts):
-            live = idx[~(fooled[idx] | gave_up[idx])]
+            live = idx[~fooled[idx]]
             if live.numel() == 0:
                 return
             tgt = order[live, rank - 1] if targets else None
-            gave_up |= run_apgd(tg, live, out, fooled, steps=steps, loss=loss, stream=stream,
-                                restart=r, rho=rho, rule=rule, target=tgt, hook=hook)
+            run_apgd(tg, live, out, fooled, steps=steps, loss=loss, stream=stream, restart=r, rho=rho,
+                     rule=rule, target=tgt, hook=hook)
 
 
 def apgd(model, x, y, *, eps, norm: str = "linf", steps: int = 100, loss: str = "ce",

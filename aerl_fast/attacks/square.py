@@ -179,9 +179,9 @@ def _candidate(tg: Target, x0, x_best, eps, key, it, s):
 
 def run_square(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Tensor, *,
                queries: int, p_init: float = 0.8, rescale: bool = False, restart: int = 0,
-               rule: Optional[StallRule] = None, hook=None) -> torch.Tensor:
+               rule: Optional[StallRule] = None, hook=None) -> None:
     """One Square run (`queries` iterations after the start) on the samples `idx` of `tg`;
-    fills `out`/`fooled`; returns the [N] mask of samples the rule gave up on.  `hook(i, rows,
+    fills `out`/`fooled`; `rule` ends it early for points off course.  `hook(i, rows,
     state)` sees the state after the start (i = -1) and after every iteration (state["cand"]:
     that iteration's proposals)."""
     if tg.x0.dim() != 4:
@@ -194,12 +194,13 @@ def run_square(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.T
     z = tg.logits(x, rows.idx)
     rows.hit(z, x)
     m = margin(z, rows["y"])
-    rows.state.update(x_best=x, m_best=m, m_check=m,
+    rows.state.update(x_best=x, m_best=m, m_hist=m[:, None],
                       strikes=torch.zeros(len(rows), dtype=torch.int32, device=m.device))
+    reviewed = [0]
     if hook is not None:
         hook(-1, rows.idx, rows.state)
     if not rows.compact(0):
-        return rows.gave_up
+        return
     _, c, h, w = x0.shape
     for i in range(queries):
         s = rows.state
@@ -213,15 +214,14 @@ def run_square(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.T
         s["m_best"] = torch.where(take, m, s["m_best"])
         drop = None
         if rule is not None and (i + 1) % rule.square_every == 0:
-            s["strikes"], drop = rule.review(s["m_best"], s["m_check"], rule.square_every,
-                                             queries - i - 1, s["strikes"])
-            s["m_check"] = s["m_best"]
+            s["m_hist"] = torch.cat([s["m_hist"], s["m_best"][:, None]], 1)
+            reviewed.append(i + 1)
+            s["strikes"], drop = rule.review(s["m_hist"], reviewed, queries - i - 1, s["strikes"])
         if hook is not None:
             hook(i, rows.idx, dict(s, cand=cand))
         if not rows.compact(i + 1, drop=drop):
-            return rows.gave_up
+            return
     rows.finish()
-    return rows.gave_up
 
 
 def square(model, x, y, *, eps, norm: str = "linf", queries: int = 5000, p_init: float = 0.8,
