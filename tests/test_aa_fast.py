@@ -12,24 +12,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-import aerl_fast
 from aerl_fast import runtime
 from aerl_fast.attacks import AttackError, AttackWarning, autoattack_available, autoattack_fast
 from aerl_fast.models import build_model
-from eval_fixtures import TRAIN_N, cpu_eval_env, tiny_runs  # noqa: F401 - fixtures
+from eval_fixtures import cpu_eval_env, held_out, tiny_models, tiny_runs  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("cpu_eval_env")
 SMALL = dict(steps=10, queries=60)
 
 
 @pytest.fixture(scope="module")
-def rl(tiny_runs):  # noqa: F811
-    return aerl_fast.load_model(tiny_runs.dirs["rl"])
-
-
-@pytest.fixture(scope="module")
-def held_out(tiny_runs):  # noqa: F811
-    return tiny_runs.x[TRAIN_N:TRAIN_N + 256].clone(), tiny_runs.y[TRAIN_N:TRAIN_N + 256].clone()
+def rl(tiny_models):  # noqa: F811
+    return tiny_models["rl"]
 
 
 def _dist(a, b, norm):
@@ -38,7 +32,7 @@ def _dist(a, b, norm):
 
 
 def test_batch_64_equals_batch_256_sample_by_sample(rl, held_out):
-    x, y = held_out
+    x, y = held_out[0][:256], held_out[1][:256]
     kw = dict(eps=0.5, norm="L2", seed=11, **SMALL)
     a = autoattack_fast(rl, x, y, batch_size=64, **kw)
     b = autoattack_fast(rl, x, y, batch_size=256, **kw)
@@ -199,7 +193,7 @@ def test_per_sample_eps_must_be_positive_everywhere(rl, held_out):
 def test_too_few_classes_for_the_targeted_stage(held_out):
     x, y = held_out[0][:4], held_out[1][:4] % 3
     three = build_model("alicnn", 3, width=0.25).eval()
-    with pytest.raises(AttackError, match="need at least 10 classes .* has 3"):
+    with pytest.raises(AttackError, match="needs at least 10 classes .* has 3"):
         autoattack_fast(three, x, y, eps=0.1, norm="l2", steps=1, queries=1)
     res = autoattack_fast(three, x, y, eps=0.1, norm="l2", steps=1, queries=1, stages=("apgd-ce", "square"))
     assert res.stage_names == ["apgd-ce", "square"]

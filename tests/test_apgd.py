@@ -10,22 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import aerl_fast
 from aerl_fast.attacks import AttackError, apgd, dlr_loss
 from aerl_fast.attacks.apgd import checkpoints, halve
-from eval_fixtures import TRAIN_N, cpu_eval_env, tiny_runs  # noqa: F401 - fixtures
+from eval_fixtures import cpu_eval_env, held_out, tiny_models, tiny_runs  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("cpu_eval_env")
 
 
 @pytest.fixture(scope="module")
-def sl(tiny_runs):  # noqa: F811
-    return aerl_fast.load_model(tiny_runs.dirs["sl"])
-
-
-@pytest.fixture(scope="module")
-def held_out(tiny_runs):  # noqa: F811
-    return tiny_runs.x[TRAIN_N:TRAIN_N + 64].clone(), tiny_runs.y[TRAIN_N:TRAIN_N + 64].clone()
+def sl(tiny_models):  # noqa: F811
+    return tiny_models["sl"]
 
 
 def dist(a, b, norm):
@@ -190,7 +184,7 @@ def test_apgd_breaks_more_than_pgd_at_the_same_cost(sl, held_out):
     """A sanity bound, not a paper figure: 20 APGD iterations are not weaker than 20 PGD steps of
     ε/4 from a random start (APGD is the stronger attack in its paper on every model)."""
     from aerl_fast.attacks import pgd
-    x, y = held_out
+    x, y = held_out[0][:64], held_out[1][:64]
     ours = apgd(sl, x, y, eps=0.3, norm="l2", steps=20, loss="ce")
     theirs = pgd(sl, x, y, eps=0.3, step=0.075, steps=20, norm="l2", seed=0, early_stop=True, return_result=True)
     assert int(ours.fooled.sum()) >= int(theirs.fooled.sum())

@@ -5,22 +5,16 @@
 import pytest
 import torch
 
-import aerl_fast
 from aerl_fast.attacks import AttackError, margin, square
 from aerl_fast.attacks.square import eta, fraction, side
-from eval_fixtures import TRAIN_N, cpu_eval_env, tiny_runs  # noqa: F401 - fixtures
+from eval_fixtures import cpu_eval_env, held_out, tiny_models, tiny_runs  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("cpu_eval_env")
 
 
 @pytest.fixture(scope="module")
-def rl(tiny_runs):  # noqa: F811
-    return aerl_fast.load_model(tiny_runs.dirs["rl"])
-
-
-@pytest.fixture(scope="module")
-def held_out(tiny_runs):  # noqa: F811
-    return tiny_runs.x[TRAIN_N:TRAIN_N + 48].clone(), tiny_runs.y[TRAIN_N:TRAIN_N + 48].clone()
+def rl(tiny_models):  # noqa: F811
+    return tiny_models["rl"]
 
 
 def test_p_schedule_is_the_papers():
@@ -128,7 +122,7 @@ def test_results_do_not_depend_on_the_batch(rl, held_out, norm, eps):
 
 
 def test_square_breaks_points_and_counts_queries(rl, held_out):
-    x, y = held_out
+    x, y = held_out[0][:48], held_out[1][:48]
     res = square(rl, x, y, eps=8 / 255, norm="linf", queries=100)
     with torch.no_grad():
         clean = rl(x).argmax(1) == y

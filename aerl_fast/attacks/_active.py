@@ -20,8 +20,9 @@ import torch
 
 from aerl_fast import runtime
 
-from ._common import (AttackError, AttackWarning, check_batch, check_image_range, check_norm,
-                      check_sample_ids, fooled_by, per_sample, resolve_clamp, resolve_compact_every)
+from ._common import (AttackError, AttackWarning, attack_mode, check_batch, check_image_range,
+                      check_norm, check_sample_ids, fooled_by, per_sample, resolve_clamp,
+                      resolve_compact_every)
 
 
 @dataclass
@@ -159,3 +160,17 @@ def setup_target(net: torch.nn.Module, x, y, *, eps, norm: str, seed: int, sampl
     return Target(model=net, x0=x0, y=y.to(device=dev, dtype=torch.int64), eps=e,
                   ids=check_sample_ids(sample_ids, batch, dev), norm=norm, box=box, seed=seed,
                   autocast=dtype, compact_every=resolve_compact_every(compact_every, dev))
+
+
+def attack_clean_correct(model, x, y, run: Callable, **setup) -> Tuple[Target, torch.Tensor, torch.Tensor]:
+    """The standalone attacks' frame: lay the model out (`runtime.fast_eval_copy`), check the
+    arguments (`setup_target`), then `run(target, idx, out, fooled, clean_logits)` on the
+    clean-correct samples.  Returns (target, out, fooled); a misclassified sample counts as fooled,
+    with its clean image."""
+    with attack_mode(runtime.fast_eval_copy(model)) as net:
+        tg = setup_target(net, x, y, **setup)
+        clean = tg.logits(tg.x0, torch.arange(x.shape[0], device=tg.x0.device))
+        fooled = clean.argmax(1) != tg.y
+        out = tg.x0.clone()
+        run(tg, (~fooled).nonzero().squeeze(1), out, fooled, clean)
+    return tg, out, fooled

@@ -117,6 +117,13 @@ def check_norm(norm: str) -> str:
     return key
 
 
+def check_count(name: str, value, low: int = 1) -> int:
+    """An integer setting (steps, queries, ...) >= low, named in the error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < low:
+        raise AttackError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
 def check_batch(x, y) -> int:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise AttackError("images must be a float tensor in [0, 1]")

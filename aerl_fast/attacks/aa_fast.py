@@ -32,8 +32,8 @@ import torch
 from aerl_fast.runtime import fast_eval_copy
 
 from ._active import Target, setup_target
-from ._common import AttackError, attack_mode
-from .apgd import run_apgd_stage
+from ._common import AttackError, attack_mode, check_count
+from .apgd import check_target_classes, run_apgd_stage
 from .budget import rule_for
 from .fab_bridge import load_fab, run_fab_t
 from .model_checks import check_model
@@ -109,12 +109,6 @@ def check_stages(stages: Sequence[str]) -> List[str]:
     return names
 
 
-def _check_counts(steps, targets, queries, batch_size):
-    for name, v in (("steps", steps), ("targets", targets), ("queries", queries), ("batch_size", batch_size)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise AttackError(f"{name} must be an integer >= 1, got {v!r}")
-
-
 def _predict(model, x, batch_size):
     with torch.no_grad():
         return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, x.shape[0], batch_size)])
@@ -149,7 +143,8 @@ def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
     amp: bf16 autocast where the device has it, decisions re-checked in fp32.
     """
     names = check_stages(stages)
-    _check_counts(steps, targets, queries, batch_size)
+    steps, targets, queries, batch_size = (check_count(n, v) for n, v in (
+        ("steps", steps), ("targets", targets), ("queries", queries), ("batch_size", batch_size)))
     rule = rule_for(budget)
     check_model(model, x)
     t_all = time.perf_counter()
@@ -157,9 +152,9 @@ def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
         tg = setup_target(net, x, y, eps=eps, norm=norm, seed=seed, sample_ids=sample_ids,
                           clamp=clamp, amp=amp, compact_every=compact_every)
         n, dev = x.shape[0], tg.x0.device
-        if "apgd-t" in names or "fab-t" in names:
-            _check_classes(model, tg.x0[:1], targets)
         clean_logits = _predict(model, tg.x0, batch_size)
+        if "apgd-t" in names or "fab-t" in names:
+            check_target_classes(clean_logits.shape[1], targets)
         tg.forwards += 1
         clean = clean_logits.argmax(1) == tg.y
         robust = clean.clone()
@@ -175,8 +170,8 @@ def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
                 continue
             f0, b0, t0 = tg.forwards.sum(), tg.backwards.sum(), time.perf_counter()
             out, fooled = tg.x0.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
-            _run_stage(name, tg, idx, out, fooled, steps=int(steps), targets=int(targets),
-                       queries=int(queries), rule=rule, clean_logits=clean_logits, batch_size=int(batch_size))
+            _run_stage(name, tg, idx, out, fooled, steps=steps, targets=targets, queries=queries,
+                       rule=rule, clean_logits=clean_logits, batch_size=batch_size)
             new = (fooled & robust).nonzero().squeeze(1)
             confirmed = new
             if new.numel():  # the caller's model, in fp32, decides: broken only when it agrees
@@ -191,17 +186,7 @@ def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
             rep.backwards = int(tg.backwards.sum() - b0)
             rep.seconds = time.perf_counter() - t0
     settings = {"eps": eps if not isinstance(eps, torch.Tensor) else "per-sample", "norm": tg.norm,
-                "seed": seed, "budget": budget, "steps": int(steps), "targets": int(targets),
-                "queries": int(queries), "precision": str(tg.autocast or torch.float32).replace("torch.", ""),
+                "seed": seed, "budget": budget, "steps": steps, "targets": targets, "queries": queries, "precision": str(tg.autocast or torch.float32).replace("torch.", ""),
                 "seconds": time.perf_counter() - t_all}
     return AutoAttackFastResult(robust, clean, broken_by, tg.forwards, tg.backwards, names, reports,
                                 x_adv if return_adv else None, settings)
-
-
-def _check_classes(model, probe, targets):
-    with torch.no_grad():
-        k = model(probe).shape[1]
-    need = max(4, int(targets) + 1)
-    if k < need:
-        raise AttackError(f"apgd-t/fab-t with targets={targets} need at least {need} classes (the targeted "
-                          f"DLR loss uses the 4 largest logits); the model has {k}: lower targets or drop the stage")

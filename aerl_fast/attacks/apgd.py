@@ -34,11 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from aerl_fast.kernels import pgd_step
-from aerl_fast.runtime import fast_eval_copy
 
 from . import _rng
-from ._active import Rows, Target, setup_target
-from ._common import AttackError, attack_mode, dlr_loss, margin
+from ._active import Rows, Target, attack_clean_correct
+from ._common import AttackError, check_count, dlr_loss, margin
 from .budget import StallRule, rule_for
 
 APGD_LOSSES = ("ce", "dlr")
@@ -203,21 +202,27 @@ def apgd(model, x, y, *, eps, norm: str = "linf", steps: int = 100, loss: str = 
     samples are attacked (a misclassified one counts as fooled, with its clean image)."""
     if loss not in APGD_LOSSES:
         raise AttackError(f"unknown APGD loss {loss!r}; choose one of {', '.join(APGD_LOSSES)}")
-    for name, v, lo in (("steps", steps, 1), ("restarts", restarts, 1), ("targets", targets, 0)):
-        if int(v) != v or v < lo:
-            raise AttackError(f"{name} must be an integer >= {lo}, got {v}")
+    steps, restarts, targets = check_count("steps", steps), check_count("restarts", restarts), \
+        check_count("targets", targets, 0)
     if not 0 < rho <= 1:
         raise AttackError(f"rho must be in (0, 1], got {rho}")
-    with attack_mode(fast_eval_copy(model)) as net:
-        tg = setup_target(net, x, y, eps=eps, norm=norm, seed=seed, sample_ids=sample_ids,
-                          clamp=clamp, amp=amp, compact_every=compact_every)
-        clean = tg.logits(tg.x0, torch.arange(x.shape[0], device=tg.x0.device))
-        if targets and clean.shape[1] < max(4, targets + 1):
-            raise AttackError(f"targets={targets} needs at least {max(4, targets + 1)} classes "
-                              f"(the targeted DLR loss uses the 4 largest logits); the model has {clean.shape[1]}")
-        fooled = clean.argmax(1) != tg.y
-        out = tg.x0.clone()
-        run_apgd_stage(tg, (~fooled).nonzero().squeeze(1), out, fooled, steps=int(steps), loss=loss,
-                       targets=int(targets), restarts=int(restarts), rho=float(rho),
-                       rule=rule_for(budget), clean_logits=clean, hook=hook)
+    rule = rule_for(budget)
+
+    def run(tg, idx, out, fooled, clean):
+        if targets:
+            check_target_classes(clean.shape[1], targets)
+        run_apgd_stage(tg, idx, out, fooled, steps=steps, loss=loss, targets=targets, restarts=restarts,
+                       rho=float(rho), rule=rule, clean_logits=clean, hook=hook)
+
+    tg, out, fooled = attack_clean_correct(model, x, y, run, eps=eps, norm=norm, seed=seed,
+                                           sample_ids=sample_ids, clamp=clamp, amp=amp,
+                                           compact_every=compact_every)
     return APGDResult(out, fooled, tg.forwards, tg.backwards)
+
+
+def check_target_classes(n_classes: int, targets: int) -> None:
+    """Targeted runs need targets + 1 classes, and the targeted DLR loss the 4 largest logits."""
+    need = max(4, int(targets) + 1)
+    if n_classes < need:
+        raise AttackError(f"targets={targets} needs at least {need} classes (the targeted DLR loss uses "
+                          f"the 4 largest logits); the model has {n_classes}: lower targets or drop the stage")

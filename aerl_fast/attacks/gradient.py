@@ -37,8 +37,8 @@ from aerl_fast.kernels import pgd_step
 from aerl_fast.runtime import fast_eval_copy
 
 from ._common import (AttackError, Scalar, as_column, attack_loss, attack_mode, check_batch,
-                      check_image_range, check_norm, check_sample_ids, check_step, fooled_by, index,
-                      per_sample, resolve_clamp, resolve_compact_every, LOSSES)
+                      check_count, check_image_range, check_norm, check_sample_ids, check_step,
+                      fooled_by, index, per_sample, resolve_clamp, resolve_compact_every, LOSSES)
 from ._rng import mix
 
 
@@ -101,11 +101,7 @@ def _run(model, x, y, *, eps, step, steps, norm, random_start, early_stop, clamp
     norm = check_norm(norm)
     if loss not in LOSSES:
         raise AttackError(f"unknown attack loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if int(steps) != steps or steps < 0:
-        raise AttackError(f"steps must be an integer >= 0, got {steps}")
-    if int(restarts) != restarts or restarts < 1:
-        raise AttackError(f"restarts must be an integer >= 1, got {restarts}")
-    steps, restarts = int(steps), int(restarts)
+    steps, restarts = check_count("steps", steps, 0), check_count("restarts", restarts)
     dev = x.device
     eps = per_sample(eps, batch, dev, "eps")
     step = per_sample(step, batch, dev, "step")

@@ -28,11 +28,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from aerl_fast.runtime import fast_eval_copy
-
 from . import _rng
-from ._active import Rows, Target, setup_target
-from ._common import AttackError, attack_mode, margin
+from ._active import Rows, Target, attack_clean_correct
+from ._common import AttackError, check_count, margin
 from .budget import StallRule, rule_for
 
 STREAM = 3
@@ -232,16 +230,16 @@ def square(model, x, y, *, eps, norm: str = "linf", queries: int = 5000, p_init:
     [B] tensor (> 0).  queries: iterations after the start (AutoAttack: 5000).  seed / sample_ids
     key each sample's draws.  budget "fast" stops points that make no progress
     (`aerl_fast.attacks.budget`).  hook(i, rows, state): see `run_square`."""
-    if int(queries) != queries or queries < 1:
-        raise AttackError(f"queries must be an integer >= 1, got {queries}")
+    queries = check_count("queries", queries)
     if not 0 < p_init <= 1:
         raise AttackError(f"p_init must be in (0, 1], got {p_init}")
-    with attack_mode(fast_eval_copy(model)) as net:
-        tg = setup_target(net, x, y, eps=eps, norm=norm, seed=seed, sample_ids=sample_ids,
-                          clamp=clamp, amp=amp, compact_every=compact_every)
-        clean = tg.logits(tg.x0, torch.arange(x.shape[0], device=tg.x0.device))
-        fooled = clean.argmax(1) != tg.y
-        out = tg.x0.clone()
-        run_square(tg, (~fooled).nonzero().squeeze(1), out, fooled, queries=int(queries),
-                   p_init=float(p_init), rescale=rescale_schedule, rule=rule_for(budget), hook=hook)
+    rule = rule_for(budget)
+
+    def run(tg, idx, out, fooled, clean):
+        run_square(tg, idx, out, fooled, queries=queries, p_init=float(p_init), rescale=rescale_schedule,
+                   rule=rule, hook=hook)
+
+    tg, out, fooled = attack_clean_correct(model, x, y, run, eps=eps, norm=norm, seed=seed,
+                                           sample_ids=sample_ids, clamp=clamp, amp=amp,
+                                           compact_every=compact_every)
     return SquareResult(out, fooled, tg.forwards)
