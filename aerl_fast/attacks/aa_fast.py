@@ -115,7 +115,7 @@ def _predict(model, x, batch_size):
 
 
 def _run_stage(name, tg: Target, idx, out, fooled, *, steps, targets, queries, rule, clean_logits,
-               batch_size):
+               batch_size, model):
     for chunk in idx.split(batch_size):
         if name in ("apgd-ce", "apgd-t"):
             run_apgd_stage(tg, chunk, out, fooled, steps=steps, loss="ce" if name == "apgd-ce" else "dlr",
@@ -124,7 +124,7 @@ def _run_stage(name, tg: Target, idx, out, fooled, *, steps, targets, queries, r
         elif name == "square":
             run_square(tg, chunk, out, fooled, queries=queries, rule=rule)
         else:
-            run_fab_t(tg, chunk, out, fooled, steps=steps, targets=targets)
+            run_fab_t(tg, chunk, out, fooled, steps=steps, targets=targets, model=model)
 
 
 def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
@@ -171,7 +171,7 @@ def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
             f0, b0, t0 = tg.forwards.sum(), tg.backwards.sum(), time.perf_counter()
             out, fooled = tg.x0.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
             _run_stage(name, tg, idx, out, fooled, steps=steps, targets=targets, queries=queries,
-                       rule=rule, clean_logits=clean_logits, batch_size=batch_size)
+                       rule=rule, clean_logits=clean_logits, batch_size=batch_size, model=model)
             new = (fooled & robust).nonzero().squeeze(1)
             confirmed = new
             if new.numel():  # the caller's model, in fp32, decides: broken only when it agrees

@@ -48,12 +48,14 @@ def load_fab():
 
 
 def run_fab_t(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Tensor, *,
-              steps: int, targets: int) -> None:
-    """FAB-T on the samples `idx` of `tg` (one run per distinct ε); fills `out`/`fooled`."""
+              steps: int, targets: int, model: torch.nn.Module) -> None:
+    """FAB-T on the samples `idx` of `tg` (one run per distinct ε); fills `out`/`fooled`.
+    `model`: the caller's (NCHW) module in attack mode; pyautoattack `.view()`s tensors a
+    channels_last copy would hand it in that layout."""
     if tg.box != (0.0, 1.0):
         raise AttackError("fab-t (pyautoattack) keeps images in [0, 1]: use clamp=True with it")
     fab_cls = load_fab()
-    net = _Counting(tg.model)
+    net = _Counting(model)
     dev = tg.x0.device
     for e in torch.unique(tg.eps[idx]).tolist():
         sub = idx[tg.eps[idx] == e]
