@@ -82,10 +82,15 @@ def normal(key: torch.Tensor, n: int, offset: int = 0) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos((2 * torch.pi) * u2)
 
 
+def scale_int(u: torch.Tensor, high: int) -> torch.Tensor:
+    """Uniform draws u in [0, 1) to int64 uniform in [0, high] (inclusive); in float64, where
+    u * (high + 1) is exact for the 24-bit draws."""
+    return torch.clamp((u.double() * (high + 1)).long(), max=high)
+
+
 def integers(key: torch.Tensor, high: int, counter: int) -> torch.Tensor:
     """[B] int64 uniform in [0, high] (inclusive) at one counter."""
-    u = uniform(key, 1, counter)[:, 0].double()
-    return torch.clamp((u * (high + 1)).long(), max=high)
+    return scale_int(uniform(key, 1, counter)[:, 0], high)
 
 
 def signs(key: torch.Tensor, n: int, offset: int = 0) -> torch.Tensor:

@@ -148,31 +148,31 @@ def _init(tg: Target, x0, eps, key):
     return _l2_project(x0, delta, eps, tg.box)
 
 
-def _candidate(tg: Target, x0, x_best, eps, key, it, s):
-    """Each row's proposal at iteration `it` with window side s."""
+def _candidate(tg: Target, x0, x_best, eps, u, s):
+    """Each row's proposal with window side s, from its draws u [R, c + 8] for this iteration
+    (0-3: window corners, 4: orientation, 5..: signs per channel)."""
     R, c, h, w = x0.shape
-    base = it * (c + 8)
-    v_h = _rng.integers(key, h - s, base)
-    v_w = _rng.integers(key, w - s, base + 1)
-    sgn = _rng.signs(key, c, base + 5).view(R, c, 1, 1)
+    v_h, v_w = _rng.scale_int(u[:, 0], h - s), _rng.scale_int(u[:, 1], w - s)
+    sgn = torch.where(u[:, 5:5 + c] < 0.5, -1.0, 1.0).view(R, c, 1, 1)
     m1 = _window_masks(v_h, v_w, s, h, w)
     if tg.norm == "linf":
         x = torch.where(m1, x0 + eps.view(-1, 1, 1, 1) * sgn, x_best)
         return x.clamp_(*tg.box) if tg.box is not None else x
-    v_h2 = _rng.integers(key, h - s, base + 2)
-    v_w2 = _rng.integers(key, w - s, base + 3)
-    flip = _rng.uniform(key, 1, base + 4)[:, 0] < 0.5
+    v_h2, v_w2 = _rng.scale_int(u[:, 2], h - s), _rng.scale_int(u[:, 3], w - s)
     m2 = _window_masks(v_h2, v_w2, s, h, w)
     delta = x_best - x0
     old = _take(delta, v_h, v_w, s)
     n_old = old.square().sum((-2, -1), keepdim=True).sqrt()
     n_img = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     n_win = (delta * (m1 | m2)).square().sum((-2, -1), keepdim=True).sqrt()
-    new = _oriented(eta(s).to(x0.device), flip) * sgn + old / (1e-12 + n_old)
+    new = _oriented(eta(s).to(x0.device), u[:, 4] < 0.5) * sgn + old / (1e-12 + n_old)
     budget = ((eps.view(-1, 1, 1, 1) ** 2 - n_img ** 2).clamp_min(0) / c + n_win ** 2).sqrt()
     new = new / (1e-12 + new.square().sum((-2, -1), keepdim=True).sqrt()) * budget
     delta = torch.where(m1, _put(new, v_h, v_w, h, w), torch.where(m2, torch.zeros_like(delta), delta))
     return _l2_project(x0, delta, eps, tg.box)
+
+
+_BLOCK = 64  # iterations whose draws are made at once (the same numbers: counters it * (c + 8) + d)
 
 
 def run_square(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.Tensor, *,
@@ -202,7 +202,10 @@ def run_square(tg: Target, idx: torch.Tensor, out: torch.Tensor, fooled: torch.T
     _, c, h, w = x0.shape
     for i in range(queries):
         s = rows.state
-        cand = _candidate(tg, s["x0"], s["x_best"], s["eps"], s["key"], i,
+        j = i % _BLOCK
+        if j == 0:
+            s["u"] = _rng.uniform(s["key"], _BLOCK * (c + 8), offset=i * (c + 8))
+        cand = _candidate(tg, s["x0"], s["x_best"], s["eps"], s["u"][:, j * (c + 8):(j + 1) * (c + 8)],
                           side(fraction(i, queries, p_init, rescale), c, h, w, tg.norm))
         z = tg.logits(cand, rows.idx)
         hit = rows.hit(z, cand)
