@@ -65,6 +65,8 @@ def test_result_bookkeeping_against_independent_checks(rl, held_out, norm, eps):
     attacked = int(clean.sum())
     for k, st in enumerate(res.stages):
         assert st.attacked == attacked and st.broken == int((res.broken_by == k).sum())
+        assert 1 <= st.calls <= (SMALL["queries"] + 1 if st.name == "square" else
+                                 (SMALL["steps"] + 1) * (9 if st.name == "apgd-t" else 1)) if attacked else st.calls == 0
         attacked -= st.broken
     assert sum(s.forwards for s in res.stages) + x.shape[0] == int(res.forwards.sum())
     assert sum(s.backwards for s in res.stages) == int(res.backwards.sum())

@@ -40,6 +40,7 @@ class Target:
     compact_every: int = 1
     forwards: torch.Tensor = field(default=None)
     backwards: torch.Tensor = field(default=None)
+    calls: int = 0                     # batched model calls: the sequential steps a GPU waits on
 
     def __post_init__(self):
         n = self.x0.shape[0]
@@ -58,6 +59,7 @@ class Target:
         with torch.no_grad(), self._autocast():
             z = self.model(x)
         self.forwards[rows] += 1
+        self.calls += 1
         return z.float()
 
     def loss_grad(self, x: torch.Tensor, rows: torch.Tensor,
@@ -73,6 +75,7 @@ class Target:
             (g,) = torch.autograd.grad(loss.sum(), xi)
         self.forwards[rows] += 1
         self.backwards[rows] += 1
+        self.calls += 1
         return z.detach(), loss.detach(), g
 
 

@@ -46,7 +46,8 @@ STANDARD = ("apgd-ce", "apgd-t", "square")
 @dataclass
 class StageReport:
     """One stage of the cascade: points attacked and broken (fp32-confirmed), the passes spent on
-    them, wall seconds, and broken decisions the fp32 re-check overturned."""
+    them, the batched model calls they took (sequential steps: what bounds a GPU's time when the
+    batches are small), wall seconds, and broken decisions the fp32 re-check overturned."""
     name: str
     attacked: int = 0
     broken: int = 0
@@ -54,6 +55,7 @@ class StageReport:
     backwards: int = 0
     seconds: float = 0.0
     disagreements: int = 0
+    calls: int = 0
 
 
 @dataclass
@@ -168,7 +170,7 @@ def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
             rep.attacked = int(idx.numel())
             if rep.attacked == 0:
                 continue
-            f0, b0, t0 = tg.forwards.sum(), tg.backwards.sum(), time.perf_counter()
+            f0, b0, c0, t0 = tg.forwards.sum(), tg.backwards.sum(), tg.calls, time.perf_counter()
             out, fooled = tg.x0.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
             _run_stage(name, tg, idx, out, fooled, steps=steps, targets=targets, queries=queries,
                        rule=rule, clean_logits=clean_logits, batch_size=batch_size, model=model)
@@ -184,6 +186,7 @@ def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
             rep.disagreements = int(new.numel()) - rep.broken
             rep.forwards = int(tg.forwards.sum() - f0)
             rep.backwards = int(tg.backwards.sum() - b0)
+            rep.calls = tg.calls - c0
             rep.seconds = time.perf_counter() - t0
     settings = {"eps": eps if not isinstance(eps, torch.Tensor) else "per-sample", "norm": tg.norm,
                 "seed": seed, "budget": budget, "steps": steps, "targets": targets, "queries": queries, "precision": str(tg.autocast or torch.float32).replace("torch.", ""),

@@ -8,7 +8,7 @@ gathers the per-sample results.
 Every rank passes the whole (x, y); rank r attacks `distributed.shard_range(n, r, world)` with the
 samples' global indices as their ids, so every random draw is the one a single process makes and
 the gathered result equals the single-process result sample by sample.  Stage counts are summed
-over the ranks; a stage's seconds are the slowest rank's.
+over the ranks; a stage's seconds and model calls are the slowest rank's.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def merge(pieces, processes: int) -> AutoAttackFastResult:
         stages.append(StageReport(name, *(sum(getattr(r, f) for r in reps)
                                           for f in ("attacked", "broken", "forwards", "backwards")),
                                   seconds=max(r.seconds for r in reps),
-                                  disagreements=sum(r.disagreements for r in reps)))
+                                  disagreements=sum(r.disagreements for r in reps),
+                                  calls=max(r.calls for r in reps)))
     settings = dict(first["settings"], seconds=max(p["settings"]["seconds"] for p in pieces),
                     processes=processes)
     return AutoAttackFastResult(cat["robust"], cat["clean"], cat["broken_by"], cat["forwards"],
