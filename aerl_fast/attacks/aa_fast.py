@@ -32,7 +32,7 @@ import torch
 from aerl_fast.runtime import fast_eval_copy
 
 from ._active import Target, setup_target
-from ._common import AttackError, attack_mode, check_count
+from ._common import AttackError, attack_mode, check_batch, check_count
 from .apgd import check_target_classes, run_apgd_stage
 from .budget import rule_for
 from .fab_bridge import load_fab, run_fab_t
@@ -148,7 +148,8 @@ def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
     steps, targets, queries, batch_size = (check_count(n, v) for n, v in (
         ("steps", steps), ("targets", targets), ("queries", queries), ("batch_size", batch_size)))
     rule = rule_for(budget)
-    check_model(model, x)
+    check_batch(x, y)
+    check_model(model, x)   # before attack_mode: it reports the mode the caller left the model in
     t_all = time.perf_counter()
     with attack_mode(model), attack_mode(fast_eval_copy(model)) as net:
         tg = setup_target(net, x, y, eps=eps, norm=norm, seed=seed, sample_ids=sample_ids,
@@ -188,8 +189,9 @@ def autoattack_fast(model, x, y, *, eps, norm: str, seed: int = 0,
             rep.backwards = int(tg.backwards.sum() - b0)
             rep.calls = tg.calls - c0
             rep.seconds = time.perf_counter() - t0
-    settings = {"eps": eps if not isinstance(eps, torch.Tensor) else "per-sample", "norm": tg.norm,
-                "seed": seed, "budget": budget, "steps": steps, "targets": targets, "queries": queries, "precision": str(tg.autocast or torch.float32).replace("torch.", ""),
+    settings = {"eps": "per-sample" if isinstance(eps, torch.Tensor) and eps.dim() else float(eps),
+                "norm": tg.norm, "seed": seed, "budget": budget, "steps": steps, "targets": targets,
+                "queries": queries, "precision": str(tg.autocast or torch.float32).replace("torch.", ""),
                 "seconds": time.perf_counter() - t_all}
     return AutoAttackFastResult(robust, clean, broken_by, tg.forwards, tg.backwards, names, reports,
                                 x_adv if return_adv else None, settings)
