@@ -8,8 +8,9 @@ Strict:     BENCH_STRICT=1 turns the issue's targets into assertions (ratios on 
 
 Groups (the PGD and early-stop variants also run as separate pytest-benchmark tests, for its
 table; the interleaved `test_ratio_*` figures are the ones to compare):
-- Our attacks run on the channels_last copy `aerl_fast.evaluate` makes (`laid_out`); torchattacks
-  and the study-style loop get the NCHW model, as they would.
+- Every attack gets the same NCHW model, as a user calling the Python API would hand it over; our
+  `pgd` attacks a channels_last copy of it internally (`runtime.fast_eval_copy`, the copy's cost
+  included in the times).
 - "pgd-l2 alicnn-w1 B=128 10 steps" (untrained AliCNN at the study's width, eval mode, no early
   stop): ours (last iterate, clamp) vs torchattacks.PGDL2; ours (no clamp, the study's preset,
   with and without statistics) vs a cleverhans-style loop like the study's: trainable parameters
@@ -39,10 +40,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import aerl_fast  # noqa: E402
-from aerl_fast import runtime  # noqa: E402
 from aerl_fast.analysis import GradStatsTracker  # noqa: E402
 from aerl_fast.attacks import pgd  # noqa: E402
 from aerl_fast.models import build_model  # noqa: E402
+from cifar_runs import CIFAR_DIR, cifar_available, cifar_test, train_cifar  # noqa: E402
 from eval_fixtures import trained_runs  # noqa: E402
 
 torchattacks = pytest.importorskip("torchattacks")
@@ -53,8 +54,6 @@ B, STEPS, EPS, ALPHA = 128, 10, 1.0, 0.1
 ES_STEPS = 100
 GROUP = f"pgd-l2 alicnn-w1 B={B} {STEPS} steps threads={THREADS}"
 ES_GROUP = f"early stop, L2 eps {EPS} step {ALPHA}, B={B} {ES_STEPS} steps threads={THREADS}"
-CIFAR_DIR = Path(os.environ.get("BENCH_CIFAR_DIR",
-                                Path(__file__).resolve().parents[2] / "shared" / "data"))
 TRACK_GROUP = f"tracking overhead alicnn-w1 B={B} {STEPS} steps threads={THREADS}"
 
 
@@ -89,19 +88,8 @@ def study_style_pgd_l2(model, x, y, eps=EPS, alpha=ALPHA, steps=STEPS):
     return x_adv, stats
 
 
-_LAID_OUT = {}
-
-
-def laid_out(model):
-    """The model our attacks get inside `aerl_fast.evaluate`: `runtime.fast_eval_copy` (channels_last
-    on the CPU); the peers and the study-style loop get the NCHW model, as they would."""
-    if id(model) not in _LAID_OUT:
-        _LAID_OUT[id(model)] = (model, runtime.fast_eval_copy(model))  # keeps `model` alive: ids stay unique
-    return _LAID_OUT[id(model)][1]
-
-
 def ours_last(model, x, y, clamp=True, steps=STEPS, tracker=None):
-    out = pgd(laid_out(model), x, y, eps=EPS, step=ALPHA, steps=steps, norm="l2", clamp=clamp, seed=0,
+    out = pgd(model, x, y, eps=EPS, step=ALPHA, steps=steps, norm="l2", clamp=clamp, seed=0,
               tracker=tracker)
     if tracker is not None:
         tracker.summary()  # the one host read of the statistics
@@ -131,56 +119,15 @@ def _runs_root(tmp_path_factory):
     return Path(os.environ.get("BENCH_RUNS_DIR") or tmp_path_factory.mktemp("runs"))
 
 
-def _train_cifar_sl(root: Path):
-    """SL AliCNN (width 0.5) on the CIFAR-10 training images found in CIFAR_DIR: 800 AdamW steps
-    of 64 with random horizontal flips (~70 s on one core; ~59% test accuracy on data_batch_1
-    alone). Cached as a run folder under `root`."""
-    import numpy as np
-    from aerl_fast.data import CHANNEL_STATS
-    from aerl_fast.objectives import ObjectiveConfig, train_step
-    from eval_fixtures import write_run
-
-    run = root / "cifar10-alicnn-w0.5-sl"
-    if (run / "best.pt").is_file():
-        return run
-    tr = aerl_fast.load_dataset("cifar10", CIFAR_DIR, "train")
-    x = torch.from_numpy(np.array(tr.images)).permute(0, 3, 1, 2).float().div_(255)
-    y = torch.from_numpy(np.array(tr.labels, dtype=np.int64))
-    mean, std = CHANNEL_STATS["cifar10"]
-    torch.manual_seed(0)
-    model = build_model("alicnn", 10, width=0.5, mean=mean, std=std)
-    opt = torch.optim.AdamW(model.parameters(), 2e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(800):
-        idx = torch.randint(0, x.shape[0], (64,), generator=gen)
-        flip = torch.rand(64, generator=gen) < 0.5
-        xb = torch.where(flip[:, None, None, None], x[idx].flip(3), x[idx])
-        opt.zero_grad(set_to_none=True)
-        train_step(model, xb, y[idx], ObjectiveConfig(kind="sl"), adv_active=False)
-        opt.step()
-    te = aerl_fast.load_dataset("cifar10", CIFAR_DIR, "test")
-    xt = torch.from_numpy(np.array(te.images)).permute(0, 3, 1, 2).float().div_(255)
-    with torch.no_grad():
-        acc = float((model.eval()(xt).argmax(1) == torch.from_numpy(np.array(te.labels))).double().mean())
-    spec = dict(name="alicnn", width=0.5, num_classes=10, mean=list(mean), std=list(std), image_size=32)
-    write_run(run, model, "sl", spec, acc, dataset="cifar10", data_dir=str(CIFAR_DIR))
-    return run
-
-
 @pytest.fixture(scope="module", params=["cifar10-alicnn-w0.5", "shapes-alicnn-w0.25"])
 def trained(request, tmp_path_factory):
     """(label, SL model, first B test images, labels)."""
-    import numpy as np
     root = _runs_root(tmp_path_factory)
     if request.param.startswith("cifar10"):
-        if not (CIFAR_DIR / "cifar-10-batches-py").is_dir():
+        if not cifar_available():
             pytest.skip(f"no CIFAR-10 at {CIFAR_DIR} (set BENCH_CIFAR_DIR)")
-        model = aerl_fast.load_model(_train_cifar_sl(root))
-        te = aerl_fast.load_dataset("cifar10", CIFAR_DIR, "test")
-        x = torch.from_numpy(np.array(te.images[:B])).permute(0, 3, 1, 2).float().div_(255).contiguous()
-        y = torch.from_numpy(np.array(te.labels[:B], dtype=np.int64))
-        return request.param, model, x, y
+        x, y = cifar_test(B)
+        return request.param, aerl_fast.load_model(train_cifar(root, "sl")), x, y
     runs = trained_runs(root)
     return request.param, aerl_fast.load_model(runs.dirs["sl"]), runs.x[:B].clone(), runs.y[:B].clone()
 
@@ -259,7 +206,7 @@ def test_ratio_no_early_stop(benchmark, wide):
                                     ("ours (no clamp)", "study-style loop + statistics"),
                                     ("ours (no clamp) + statistics", "study-style loop + statistics")],
                      B, benchmark)
-    assert all(p.requires_grad for p in laid_out(model).parameters())  # our attack restored them
+    assert all(p.requires_grad for p in model.parameters())  # our attack left the caller's model alone
     if STRICT:
         assert ratios["ours (clamp) vs torchattacks PGDL2"][0] >= 1.0
         assert ratios["ours (no clamp) + statistics vs study-style loop + statistics"][0] >= 1.3
@@ -270,8 +217,7 @@ def test_ratio_no_early_stop(benchmark, wide):
 def test_ours_early_stop(benchmark, trained):
     label, model, x, y = trained
     benchmark.group = f"{ES_GROUP}, SL {label}"
-    fast = laid_out(model)
-    benchmark.pedantic(lambda: pgd(fast, x, y, eps=EPS, step=ALPHA, steps=ES_STEPS, norm="l2",
+    benchmark.pedantic(lambda: pgd(model, x, y, eps=EPS, step=ALPHA, steps=ES_STEPS, norm="l2",
                                    early_stop=True, seed=0), rounds=2, iterations=1)
 
 
@@ -288,7 +234,7 @@ def test_ratio_early_stop(benchmark, trained):
     out = {}
 
     def ours():
-        out["ours"] = pgd(laid_out(model), x, y, eps=EPS, step=ALPHA, steps=ES_STEPS, norm="l2",
+        out["ours"] = pgd(model, x, y, eps=EPS, step=ALPHA, steps=ES_STEPS, norm="l2",
                           early_stop=True, seed=0, return_result=True)
 
     def theirs():

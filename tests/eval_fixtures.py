@@ -165,5 +165,14 @@ try:
         cache = getattr(request.config, "cache", None)
         root = cache.mkdir("aerl_eval_runs") if cache is not None else tmp_path_factory.mktemp("runs")
         return trained_runs(Path(root))
+    @pytest.fixture(scope="session")
+    def tiny_models(tiny_runs) -> Dict[str, torch.nn.Module]:
+        """The SL and RL fixture models, loaded once per session (tests must not change them)."""
+        return {kind: aerl_fast.load_model(d) for kind, d in tiny_runs.dirs.items()}
+
+    @pytest.fixture(scope="session")
+    def held_out(tiny_runs):
+        """The test images the fixture models were not trained on (500), and their labels."""
+        return tiny_runs.x[TRAIN_N:].clone(), tiny_runs.y[TRAIN_N:].clone()
 except ImportError:  # bench scripts import this module without pytest fixtures in mind
     pass

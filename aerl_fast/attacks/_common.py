@@ -15,13 +15,18 @@ import torch.nn.functional as F
 from aerl_fast.errors import UserError
 
 NORMS = ("linf", "l2")
-LOSSES = ("ce", "margin")
+LOSSES = ("ce", "margin", "dlr")
 
 Scalar = Union[float, torch.Tensor]
 
 
 class AttackError(UserError, ValueError):
     """Bad attack input (ε < 0, step > ε, unknown norm, empty batch, ...): the CLI prints it."""
+
+
+class AttackWarning(UserWarning):
+    """Something about the model or the inputs that makes a robustness number suspect (outputs that
+    look like probabilities, a model left in training mode) but does not stop the attack."""
 
 
 @contextlib.contextmanager
@@ -47,6 +52,31 @@ def attack_mode(model: torch.nn.Module):
             m.training = flag
 
 
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample logit margin z_y - max_{j != y} z_j (fp32): > 0 while the label wins."""
+    z = logits.float()
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    return z_y - z.scatter(1, y[:, None], float("-inf")).amax(1)
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample difference-of-logits-ratio loss (Croce & Hein 2020), ascended by the attack:
+
+        untargeted  -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)
+        targeted    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)
+
+    with z_pi1 >= z_pi2 >= ... the sorted logits.  Shift- and scale-invariant in the logits, so a
+    saturated softmax (small CE gradients) does not stall it.
+    """
+    z = logits.float()
+    top = z.topk(4 if target is not None else 3, dim=1).values
+    if target is None:
+        return -margin(z, y) / (top[:, 0] - top[:, 2] + 1e-12)
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    z_t = z.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
 def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce",
                 targeted: bool = False) -> torch.Tensor:
     """The summed loss the attack ascends.
@@ -56,16 +86,19 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce",
             -log pi(label|x), the study's choice as well.
     margin: max_{j != y} z_j - z_y (Carlini-Wagner margin on logits); its gradient does not
             vanish when the softmax saturates, which CE's does in float32.
+    dlr:    `dlr_loss` (untargeted only: its targeted form needs the label and the target).
     """
     z = logits.float()
     if loss == "ce":
         ce = F.cross_entropy(z, y, reduction="sum")
         return -ce if targeted else ce
     if loss == "margin":
-        z_y = z.gather(1, y[:, None]).squeeze(1)
-        other = z.scatter(1, y[:, None], float("-inf")).amax(1)
-        m = (z_y - other) if targeted else (other - z_y)
-        return m.sum()
+        m = margin(z, y)
+        return m.sum() if targeted else -m.sum()
+    if loss == "dlr":
+        if targeted:
+            raise AttackError("loss 'dlr' is untargeted here; the targeted DLR loss is apgd(..., targets=k)")
+        return dlr_loss(z, y).sum()
     raise AttackError(f"unknown attack loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
@@ -76,9 +109,19 @@ def fooled_by(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> 
 
 
 def check_norm(norm: str) -> str:
-    if norm not in NORMS:
-        raise AttackError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    return norm
+    """The canonical norm name: "linf"/"l2", also accepted as AutoAttack and torchattacks spell
+    them ("Linf", "L2"; any case)."""
+    key = norm.lower() if isinstance(norm, str) else None
+    if key not in NORMS:
+        raise AttackError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)} (or Linf, L2)")
+    return key
+
+
+def check_count(name: str, value, low: int = 1) -> int:
+    """An integer setting (steps, queries, ...) >= low, named in the error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < low:
+        raise AttackError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def check_batch(x, y) -> int:
@@ -144,6 +187,48 @@ def resolve_clamp(clamp) -> Optional[Tuple[float, float]]:
     if lo > hi:
         raise AttackError(f"clamp must be (lo, hi) with lo <= hi, got {clamp!r}")
     return (lo, hi)
+
+
+def check_image_range(x: torch.Tensor, box: Optional[Tuple[float, float]]) -> None:
+    """Refuse images an attack would treat in the wrong units (one host read of min and max).
+
+    With the default box [0, 1] or no box: negative values are normalised images (ε would be in
+    normalised units: the normalisation belongs inside the model); otherwise values above 1.5 are
+    0-255 pixels (an ε meant for [0, 1] would be 255x too small: divide by 255).  A custom box (lo, hi)
+    states the range, so only leaving it is refused.
+    """
+    lo, hi = float(x.min()), float(x.max())
+    if box is None or box == (0.0, 1.0):
+        if lo < 0:
+            raise AttackError(f"images go down to {lo:.4g}: they look normalised; put the normalisation "
+                              "inside the model (aerl_fast.models.Normalize) and pass images in [0, 1]")
+        if hi > 1.5:
+            raise AttackError(f"images reach {hi:.4g}: they look like 0-255 pixel values; divide them by "
+                              "255 (attacks take images in [0, 1], and eps is in those units)")
+    if box is not None and (lo < box[0] or hi > box[1]):
+        raise AttackError(f"images lie outside the clamp box {box} (min {lo:.4g}, max {hi:.4g}); "
+                          "attacks take images in [0, 1]")
+
+
+def check_sample_ids(sample_ids, batch: int, device) -> torch.Tensor:
+    """[B] int64 ids keying each sample's random draws (default: the row index)."""
+    if sample_ids is None:
+        return torch.arange(batch, device=device)
+    ids = torch.as_tensor(sample_ids, device=device, dtype=torch.int64)
+    if ids.shape != (batch,) or bool((ids < 0).any()):
+        raise AttackError(f"sample_ids must be a [{batch}] tensor of ids >= 0, got shape {tuple(ids.shape)} "
+                          f"(min {int(ids.min()) if ids.numel() else 'none'})")
+    return ids
+
+
+def resolve_compact_every(compact_every: Optional[int], device) -> int:
+    """How often early-stopping attacks drop broken samples (a host sync): every step on the CPU,
+    where there is no device to wait for; every 5 on CUDA."""
+    if compact_every is None:
+        return 1 if torch.device(device).type == "cpu" else 5
+    if int(compact_every) != compact_every or compact_every < 1:
+        raise AttackError(f"compact_every must be an integer >= 1, got {compact_every}")
+    return int(compact_every)
 
 
 def index(v: Scalar, idx: torch.Tensor) -> Scalar:

@@ -114,7 +114,7 @@ def autoattack(model, x, y, *, eps: float, norm: str = "linf", version: str = "s
     afterwards (AutoAttack reseeds it).
     """
     check_batch(x, y)
-    check_norm(norm)
+    norm = check_norm(norm)
     try:
         eps = float(eps)
     except (TypeError, ValueError):

@@ -7,7 +7,9 @@
 Every update goes through `aerl_fast.kernels.pgd_step` (one call site: the fused Triton kernel on
 CUDA, its torch reference elsewhere); FGSM is one such step of size ε from the clean image.
 During an attack the model is in eval mode with frozen parameters (see `attack_mode`), and the
-gradient is `torch.autograd.grad` of the *summed* loss with respect to the input only.
+gradient is `torch.autograd.grad` of the *summed* loss with respect to the input only.  The attack
+runs on `runtime.fast_eval_copy(model)`, a channels_last copy where that layout pays (CPU and CUDA
+for convolutional models; the caller's module is never changed).
 
 Early stopping: a sample counts as broken the first time any iterate (the random start, each
 step's iterate, the last one) fools the model; it keeps that iterate and leaves the batch. Robust
@@ -32,9 +34,12 @@ from typing import NamedTuple, Optional
 import torch
 
 from aerl_fast.kernels import pgd_step
+from aerl_fast.runtime import fast_eval_copy
 
 from ._common import (AttackError, Scalar, as_column, attack_loss, attack_mode, check_batch,
-                      check_norm, check_step, fooled_by, index, per_sample, resolve_clamp, LOSSES)
+                      check_count, check_image_range, check_norm, check_sample_ids, check_step,
+                      fooled_by, index, per_sample, resolve_clamp, resolve_compact_every, LOSSES)
+from ._rng import mix
 
 
 class AttackResult(NamedTuple):
@@ -45,21 +50,6 @@ class AttackResult(NamedTuple):
     fooled: torch.Tensor
     grad_evals: int
     forwards: int
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*keys: int) -> int:
-    """A 63-bit seed from integer keys (splitmix64 steps): per-sample generator seeds."""
-    h = 0x9E3779B97F4A7C15
-    for k in keys:
-        h = (h ^ (int(k) & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h >> 1
 
 
 def _draw(batch, shape, norm, device, gen):
@@ -91,7 +81,7 @@ def _random_start(x0, eps, norm, seed, restart, ids):
         for key in keys:
             if key not in cache:
                 g = torch.Generator(device=dev)
-                g.manual_seed(_mix(seed, restart, key))
+                g.manual_seed(mix(seed, restart, key))
                 cache[key] = _draw(None, shape, norm, dev, g)
             ds.append(cache[key][0])
             rs.append(cache[key][1])
@@ -108,43 +98,28 @@ def _run(model, x, y, *, eps, step, steps, norm, random_start, early_stop, clamp
          targeted, loss, tracker, sample_ids, compact_every, need_result) -> AttackResult:
     """Shared driver of fgsm and pgd: checks, restarts, and the step loop."""
     batch = check_batch(x, y)
-    check_norm(norm)
+    norm = check_norm(norm)
     if loss not in LOSSES:
         raise AttackError(f"unknown attack loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if int(steps) != steps or steps < 0:
-        raise AttackError(f"steps must be an integer >= 0, got {steps}")
-    if int(restarts) != restarts or restarts < 1:
-        raise AttackError(f"restarts must be an integer >= 1, got {restarts}")
-    steps, restarts = int(steps), int(restarts)
+    steps, restarts = check_count("steps", steps, 0), check_count("restarts", restarts)
     dev = x.device
     eps = per_sample(eps, batch, dev, "eps")
     step = per_sample(step, batch, dev, "step")
     check_step(step, eps)
     box = resolve_clamp(clamp)
     x0 = x.detach()
-    if box is not None and (bool((x0 < box[0]).any()) or bool((x0 > box[1]).any())):
-        raise AttackError(f"images lie outside the clamp box {box} (min {float(x0.min()):.3g}, "
-                          f"max {float(x0.max()):.3g}); attacks expect inputs in [0, 1] "
-                          "(normalisation belongs inside the model), or pass clamp=False")
+    check_image_range(x0, box)
     y = y.to(device=dev, dtype=torch.int64)
     if tracker is not None and (early_stop or restarts > 1):
         raise AttackError("gradient tracking needs a fixed batch: use early_stop=False and restarts=1")
-    if sample_ids is None:
-        ids_all = torch.arange(batch, device=dev)
-    else:
-        ids_all = torch.as_tensor(sample_ids, device=dev, dtype=torch.int64)
-        if ids_all.shape != (batch,) or bool((ids_all < 0).any()):
-            raise AttackError(f"sample_ids must be a [{batch}] tensor of ids >= 0")
-    if compact_every is None:
-        compact_every = 1 if dev.type == "cpu" else 5
-    if int(compact_every) < 1:
-        raise AttackError(f"compact_every must be >= 1, got {compact_every}")
+    ids_all = check_sample_ids(sample_ids, batch, dev)
+    compact_every = resolve_compact_every(compact_every, dev)
 
     out = x0.clone()
     fooled = torch.zeros(batch, dtype=torch.bool, device=dev)
     counts = [0, 0]  # per-sample gradient evaluations, forwards
     need_final = early_stop or restarts > 1 or need_result
-    with attack_mode(model):
+    with attack_mode(fast_eval_copy(model)) as net:
         for r in range(restarts):
             if r == 0:
                 rows = torch.arange(batch, device=dev)
@@ -156,7 +131,7 @@ def _run(model, x, y, *, eps, step, steps, norm, random_start, early_stop, clamp
             if random_start:
                 start = _random_start(x0.index_select(0, rows), index(eps, rows) if r else eps,
                                       norm, seed, r, ids_all.index_select(0, rows))
-            _restart(model, x0, y, rows, start, index(eps, rows) if r else eps,
+            _restart(net, x0, y, rows, start, index(eps, rows) if r else eps,
                      index(step, rows) if r else step, steps, norm, box, early_stop, targeted, loss,
                      tracker, int(compact_every), need_final, out, fooled, counts)
     return AttackResult(out, fooled, counts[0], counts[1])
