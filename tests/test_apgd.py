@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from aerl_fast.attacks import AttackError, apgd, dlr_loss
-from aerl_fast.attacks.apgd import checkpoints, halve
+from aerl_fast.attacks.apgd_attack import checkpoints, halve
 from eval_fixtures import cpu_eval_env, held_out, tiny_models, tiny_runs  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("cpu_eval_env")

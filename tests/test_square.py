@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aerl_fast.attacks import AttackError, margin, square
-from aerl_fast.attacks.square import eta, fraction, side
+from aerl_fast.attacks.square_attack import eta, fraction, side
 from eval_fixtures import cpu_eval_env, held_out, tiny_models, tiny_runs  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("cpu_eval_env")

@@ -30,12 +30,12 @@ from ._common import (AttackError, AttackWarning, LOSSES, NORMS, attack_loss, at
 from .aa_fast import STAGES, STANDARD, AutoAttackFastResult, StageReport, autoattack_fast
 from .aa_shard import autoattack_fast_sharded
 from .api import FGSM, PGD, PGDL2, Attack
-from .apgd import APGDResult, apgd
+from .apgd_attack import APGDResult, apgd
 from .auto import AutoAttackMissing, AutoAttackResult, autoattack, autoattack_available, load_autoattack
 from .budget import BUDGETS, StallRule
 from .gradient import AttackResult, fgsm, pgd
 from .model_checks import check_model
-from .square import SquareResult, square
+from .square_attack import SquareResult, square
 from .transfer import TransferError, TransferResult, check_same_classes, num_classes, transfer_matrix
 
 __all__ = [

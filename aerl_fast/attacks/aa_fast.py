@@ -33,11 +33,11 @@ from aerl_fast.runtime import fast_eval_copy
 
 from ._active import Target, setup_target
 from ._common import AttackError, attack_mode, check_batch, check_count
-from .apgd import check_target_classes, run_apgd_stage
+from .apgd_attack import check_target_classes, run_apgd_stage
 from .budget import rule_for
 from .fab_bridge import load_fab, run_fab_t
 from .model_checks import check_model
-from .square import run_square
+from .square_attack import run_square
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 STANDARD = ("apgd-ce", "apgd-t", "square")

@@ -29,6 +29,7 @@ def run_transfer(entries: List[ModelEntry], results: List[ModelResult], ts: Test
                           batch_size=config.batch_size, adversarials=adversarials)
     return {"attack": attack, "norm": norm, "eps": eps, "mode": mode, "names": res.names,
             "accuracy": res.accuracy.tolist(), "clean": res.clean.tolist(),
+            "robust": res.robust,  # [N, N, n] bool per sample (the verdict's transfer breaks; not in the JSON)
             "note": "row: model the images were crafted on; column: model evaluated; entry: share of samples "
                     "correct both clean and on the crafted images; the diagonal is the white-box "
                     f"{mode} robust accuracy"}

@@ -84,7 +84,7 @@ def metrics_json(results: EvalResults) -> dict:
             "masking": [f.to_dict() for f in m.masking],
             "verdict": m.verdict.to_json() if m.verdict is not None else None,
         } for m in results.models],
-        "transfer": results.transfer,
+        "transfer": None if results.transfer is None else {k: v for k, v in results.transfer.items() if k != "robust"},
         "dynamics": None if results.dynamics is None else {
             name: d["summary"] for name, d in results.dynamics["models"].items()},
     }

@@ -95,8 +95,8 @@ def _box_radius(norm: str, shape) -> float:
 
 def epsilon_sweep(entry: ModelEntry, ts: TestSet, clean_ok, eps: float, norm: str, config: EvalConfig):
     """Accuracy at eps·2^k up to, and ending at, a radius covering the box (APGD with the DLR loss,
-    which does not saturate, each radius only on the points the smaller one left); per broken point
-    the distance of its first adversarial."""
+    which does not saturate, each radius only on the points the smaller one left); the median over
+    broken points of the distance of the first adversarial; and which points broke at eps itself."""
     from aerl_fast.attacks import apgd  # noqa: PLC0415
     box = _box_radius(norm, ts.x.shape[1:])
     radii, r = [], eps
@@ -120,8 +120,10 @@ def epsilon_sweep(entry: ModelEntry, ts: TestSet, clean_ok, eps: float, norm: st
                 dist[idx[hit].cpu()] = d.float().cpu()
                 alive[idx[hit]] = False
         accs.append(float(alive.double().sum()) / n)
+        if r == radii[0]:
+            first = clean_ok.cpu() & ~alive.cpu()  # broken at the verdict radius itself
     found = [v for v in dist.tolist() if math.isfinite(v)]
-    return radii, accs, (statistics.median(found) if found else None)
+    return radii, accs, (statistics.median(found) if found else None), first
 
 
 def _aa_breaks(res, clean_ok) -> List[AttackBreaks]:
@@ -160,29 +162,38 @@ def run_verdict(entry: ModelEntry, result: ModelResult, ts: TestSet, config: Eva
         for i, src in enumerate(transfer["names"]):
             if i != j:
                 attacks.append(AttackBreaks(f"transfer from {src}", TRANSFER, clean_ok & ~transfer["robust"][i, j]))
-    worst = worst_case(clean_ok, attacks)
+    radii, accs, median, at_eps = epsilon_sweep(entry, ts, clean_ok, eps, norm, config)
+    attacks.append(AttackBreaks("apgd-dlr", WHITE_BOX, at_eps))  # the sweep's first radius is the verdict's
     checks += check_ordering(attacks, n)
     # convergence: the strongest white-box attack, twice the steps and two restarts, on what survived
-    alive = worst.robust_mask.to(x.device)
+    alive = worst_case(clean_ok, attacks).robust_mask.to(x.device)
     idx = alive.nonzero().squeeze(1)
-    extra = 0
+    extra = torch.zeros(n, dtype=torch.bool)
     if idx.numel() and not checks[0].flagged:
         again = autoattack_fast(entry.model, x[idx], y[idx], eps=eps, norm=norm, seed=config.seed + 1,
                                 stages=("apgd-ce", "apgd-t"), budget="full", steps=2 * config.aa_steps,
                                 batch_size=config.batch_size, sample_ids=idx, amp=amp, return_adv=False)
-        extra = int((~again.robust & again.clean).sum())
-    checks.append(check_convergence(extra, int(idx.numel()), n, f"APGD-CE + APGD-T with {2 * config.aa_steps} steps"))
-    radii, accs, median = epsilon_sweep(entry, ts, clean_ok, eps, norm, config)
+        extra[idx.cpu()] = (~again.robust & again.clean).cpu()
+    checks.append(check_convergence(int(extra.sum()), int(idx.numel()), n,
+                                    f"APGD-CE + APGD-T with {2 * config.aa_steps} steps"))
+    attacks.append(AttackBreaks("convergence rerun", WHITE_BOX, extra))
+    worst = worst_case(clean_ok, attacks)  # the union of everything run at the verdict radius
     checks.append(mk.check_epsilon_to_zero(radii, accs, median))
     health = mk.gradient_health(entry.fast, x, y, loss="ce", batch_size=config.batch_size,
                                 amp_dtype=amp_dtype(x.device, amp, log=lambda m: None))
     checks += [mk.check_gradients(health, min_count(n)), mk.check_saturation(health)]
 
-    def apgd_ce(model, xs, ys):
+    def white_box(model, xs, ys):
+        """The verdict's white-box attack: APGD-CE, then APGD-DLR (scale-invariant: a saturated softmax
+        does not stop it) on what CE left."""
         from aerl_fast.attacks import apgd  # noqa: PLC0415
-        return apgd(model, xs, ys, eps=eps, norm=norm, steps=config.aa_steps, loss="ce", seed=config.seed,
-                    budget="full").fooled
-    checks.append(self_test(entry, ts, clean_ok, eps, norm, config, apgd_ce))
+        kw = dict(eps=eps, norm=norm, steps=config.aa_steps, seed=config.seed, budget="full")
+        fooled = apgd(model, xs, ys, loss="ce", **kw).fooled
+        left = (~fooled).nonzero().squeeze(1)
+        if left.numel() and model.model(xs[:1]).shape[1] >= 3:
+            fooled[left] = apgd(model, xs[left], ys[left], loss="dlr", sample_ids=left, **kw).fooled
+        return fooled
+    checks.append(self_test(entry, ts, clean_ok, eps, norm, config, white_box))
     settings = {"eps": eps, "norm": norm, "norm_name": "L∞" if norm == "linf" else "L2", "n": n,
                 "aa_steps": config.aa_steps, "aa_queries": config.aa_queries, "aa_budget": config.aa_budget,
                 "cascade": cascade.summary() if cascade is not None else None}
