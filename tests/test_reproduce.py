@@ -27,7 +27,8 @@ def micro_preset(tmp, **changes):
         "seeds": [0],
         "train": {"epochs": 1, "train_subset": 400, "batch_size": 64, "device": "cpu",
                   "eval_batch_size": 256, "checkpoint_minutes": 0},
-        "eval": {"eps": 1.0, "steps": 3, "n_test": 64, "dynamics_n": 16, "batch_size": 64},
+        "eval": {"eps": 1.0, "steps": 3, "n_test": 64, "dynamics_n": 16, "batch_size": 64, "aa_steps": 4,
+                 "aa_queries": 40},
     }
     preset.update(changes)
     path = tmp / "micro.json"
@@ -74,6 +75,9 @@ def test_end_to_end_report(finished):
     assert "(eval/shapes/seed0/dynamics.png)" in md
     # shapes has no published values: no comparison columns
     assert "study adversarial" not in md
+    # every reproduce report ends in a verdict per cell
+    assert "## Verdict per cell" in md
+    assert [v["cell"] for v in json.loads((out / "report.json").read_text())["verdicts"]] == CELLS
 
     # report.json / csv hold the numbers of the evaluation, cell by cell
     metrics = json.loads((ev / "metrics.json").read_text())
@@ -297,6 +301,13 @@ def test_accuracy_over_epochs(with_curves):
     assert "| objective | epoch 1 | epoch 2 |" in md and "| sl | " in md and "| rl | " in md
     assert "Not in this report" not in md
     assert len(report["curves"]["shapes/seed0"]) == 4
+    # the RL cell beside the SL checkpoint whose clean accuracy is closest to RL's (ties: earlier epoch)
+    (matched,) = report["matched_accuracy"]
+    rl = next(r for r in report["cells"] if r["objective"] == "rl")
+    sl_epochs = {r["epoch"]: r["clean_acc"] for r in recs.values() if r["objective"] == "sl"}
+    closest = min(sorted(sl_epochs), key=lambda e: abs(sl_epochs[e] - rl["clean_acc"]))
+    assert matched["cell"] == rl["cell"] and matched["sl_epoch"] == closest
+    assert matched["sl_clean_acc"] == sl_epochs[closest] and "## At matched clean accuracy" in md
 
 
 def test_accuracy_over_epochs_is_cached(with_curves, tmp_path, monkeypatch):

@@ -127,7 +127,8 @@ def _cluster_preset(tmp):
     preset = {"objectives": ["sl", "rl"], "models": [{"name": "alicnn", "width": 0.125}], "datasets": ["shapes"],
               "seeds": [0], "train": {"epochs": 1, "train_subset": 256, "batch_size": 64, "device": "cpu",
                                       "checkpoint_minutes": 0},
-              "eval": {"eps": 1.0, "steps": 2, "n_test": 32, "dynamics_n": 8, "batch_size": 32, "masking": False}}
+              "eval": {"eps": 1.0, "steps": 2, "n_test": 32, "dynamics_n": 8, "batch_size": 32, "masking": False,
+                       "verdict": False}}
     path = tmp / "cluster.json"
     path.write_text(json.dumps(preset))
     return str(path)

@@ -172,7 +172,8 @@ def build_cells(m: dict, data_dir_override: Optional[str]) -> List[Cell]:
 
 def eval_config(m: dict) -> EvalConfig:
     """The matrix's evaluation: PGD-L2 at the study's radius unless 'eval' says otherwise, with the
-    transfer matrix and gradient dynamics always on (the report lays them out)."""
+    transfer matrix and gradient dynamics always on (the report lays them out) and the verdict on
+    unless the preset turns it off ("verdict": false, e.g. for a quick look)."""
     values = dict(m.get("eval", {}) or {})
     bundle = values.pop("bundle", "default")
     if "eps" in values:
@@ -183,6 +184,7 @@ def eval_config(m: dict) -> EvalConfig:
         if key in values and isinstance(values[key], list):
             values[key] = tuple(values[key])
     values.update(attacks=("pgd-l2",), transfer=True, dynamics=True)
+    values.setdefault("verdict", True)  # every reproduce report ends in a verdict per cell
     try:
         return EvalConfig.bundle(bundle, **values).validate()
     except (ConfigError, TypeError) as exc:

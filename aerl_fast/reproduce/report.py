@@ -14,6 +14,7 @@ from aerl_fast import published
 from aerl_fast.errors import UserError
 from aerl_fast.evaluate import EvalConfig
 
+from .comparisons import matched_markdown, matched_rows, verdict_markdown, verdict_rows
 from .evaluation import eval_dir
 from .figures import curves_markdown, fmt_width, pct
 
@@ -164,6 +165,10 @@ def write_report(m: dict, cells, root: Path, metrics: Dict[tuple, dict], config:
                               f"{s['dispersion']:.3g} |")
                 md.append("")
     curves = curves or {}
+    verdicts = verdict_rows(cells, metrics)
+    md += verdict_markdown(verdicts)
+    matched = matched_rows(rows, curves)
+    md += matched_markdown(matched, _radius(config))
     if curves:
         md += ["## Accuracy over epochs", ""]
         for (ds, seed), recs in curves.items():
@@ -180,7 +185,8 @@ def write_report(m: dict, cells, root: Path, metrics: Dict[tuple, dict], config:
               "transfer": {f"{ds}/seed{s}": metrics[(ds, s)].get("transfer") for ds, s in metrics},
               "dynamics": {f"{ds}/seed{s}": metrics[(ds, s)].get("dynamics") for ds, s in metrics},
               "curves": {f"{ds}/seed{s}": sorted(recs.values(), key=lambda r: (r["cell"], r["epoch"]))
-                         for (ds, s), recs in curves.items()}}
+                         for (ds, s), recs in curves.items()},
+              "verdicts": verdicts, "matched_accuracy": matched}
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(root / "report.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
