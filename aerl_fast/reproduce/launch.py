@@ -87,7 +87,10 @@ def check_launcher(cluster: ClusterOptions) -> None:
 def make_executor(cluster: ClusterOptions, folder: Path):
     check_launcher(cluster)
     import submitit  # noqa: PLC0415
-    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm" if cluster.launcher == "slurm" else "local")
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm" if cluster.launcher == "slurm" else "local")
+    except RuntimeError as exc:  # e.g. no srun: not on a Slurm cluster
+        raise ConfigError(f"--launcher {cluster.launcher}: {exc}") from None
     params = dict(timeout_min=cluster.slurm_time, gpus_per_node=cluster.slurm_gpus_per_job,
                   cpus_per_task=cluster.slurm_cpus_per_task, mem_gb=cluster.slurm_mem_gb, name="aerl_fast")
     if cluster.launcher == "slurm":
