@@ -82,6 +82,15 @@ def test_dlr_matches_float64_formula(k):
     torch.testing.assert_close(dlr_loss(4 * z + 7, y), dlr_loss(z, y), rtol=1e-4, atol=1e-4)
 
 
+def test_dlr_needs_enough_classes():
+    z, y = torch.randn(5, 3), torch.zeros(5, dtype=torch.long)
+    dlr_loss(z, y)                                     # 3 classes: untargeted is defined
+    with pytest.raises(AttackError, match="targeted DLR loss needs at least 4 classes"):
+        dlr_loss(z, y, torch.ones(5, dtype=torch.long))
+    with pytest.raises(AttackError, match="DLR loss needs at least 3 classes .* has 2"):
+        dlr_loss(z[:, :2], y)
+
+
 # -------------------------------------------------------------------------- the iteration
 
 def _trace(model, x, y, **kw):

@@ -69,7 +69,11 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tenso
     saturated softmax (small CE gradients) does not stall it.
     """
     z = logits.float()
-    top = z.topk(4 if target is not None else 3, dim=1).values
+    need = 4 if target is not None else 3
+    if z.shape[1] < need:
+        raise AttackError(f"the {'targeted ' if target is not None else ''}DLR loss needs at least {need} classes "
+                          f"(it divides by a gap between sorted logits); the model has {z.shape[1]}: use loss='ce'")
+    top = z.topk(need, dim=1).values
     if target is None:
         return -margin(z, y) / (top[:, 0] - top[:, 2] + 1e-12)
     z_y = z.gather(1, y[:, None]).squeeze(1)
