@@ -390,6 +390,12 @@ def test_autoattack_custom_apgd_and_log(sl, data, tmp_path):
     assert float(res.robust.double().mean()) < clean
 
 
+def test_autoattack_refuses_0_255_images(sl, data):
+    x, y = data
+    with pytest.raises(AttackError, match="divide them by 255"):
+        autoattack(sl, x[:4] * 255, y[:4], eps=0.5, norm="L2")
+
+
 def test_autoattack_missing_says_how_to_install(monkeypatch, sl, data):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
     monkeypatch.setitem(sys.modules, "autoattack", None)

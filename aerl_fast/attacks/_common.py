@@ -230,9 +230,7 @@ def resolve_compact_every(compact_every: Optional[int], device) -> int:
     where there is no device to wait for; every 5 on CUDA."""
     if compact_every is None:
         return 1 if torch.device(device).type == "cpu" else 5
-    if int(compact_every) != compact_every or compact_every < 1:
-        raise AttackError(f"compact_every must be an integer >= 1, got {compact_every}")
-    return int(compact_every)
+    return check_count("compact_every", compact_every)
 
 
 def index(v: Scalar, idx: torch.Tensor) -> Scalar:
