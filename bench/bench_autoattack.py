@@ -4,7 +4,7 @@ standard version without FAB-T) on the same model and images, in one run, one th
 Run (CPU):  python -m pytest bench/bench_autoattack.py -s [--benchmark-json=out.json]
             (BENCH_RUNS_DIR keeps the trained models; BENCH_AA_N images, default 200;
              BENCH_AA_EPS the L2 radius, default 0.5)
-Strict:     BENCH_STRICT=1 asserts the issue's target (ours "fast" >= 3x faster than pyautoattack at
+Strict:     BENCH_STRICT=1 asserts the speed target (ours "fast" >= 3x faster than pyautoattack at
             equal or lower robust accuracy on the RL model).
 
 Models: AliCNNs (width 0.5) trained on the CIFAR-10 images in ../shared/data (`cifar_runs`): SL,

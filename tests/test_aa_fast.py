@@ -15,6 +15,7 @@ import torch.nn as nn
 from aerl_fast import runtime
 from aerl_fast.attacks import AttackError, AttackWarning, autoattack_available, autoattack_fast
 from aerl_fast.models import build_model
+from attack_checks import perturbation
 from eval_fixtures import cpu_eval_env, held_out, tiny_models, tiny_runs  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("cpu_eval_env")
@@ -24,11 +25,6 @@ SMALL = dict(steps=10, queries=60)
 @pytest.fixture(scope="module")
 def rl(tiny_models):  # noqa: F811
     return tiny_models["rl"]
-
-
-def _dist(a, b, norm):
-    d = (a - b).flatten(1).double()
-    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
 
 
 def test_batch_64_equals_batch_256_sample_by_sample(rl, held_out):
@@ -58,7 +54,7 @@ def test_result_bookkeeping_against_independent_checks(rl, held_out, norm, eps):
     broken = res.broken_by >= 0
     assert torch.equal(res.robust, clean & ~broken)
     assert bool((adv_pred[broken] != y[broken]).all())            # every break holds in fp32
-    assert bool((_dist(res.x_adv, x, norm)[broken] <= eps * (1 + 1e-5)).all())
+    assert bool((perturbation(res.x_adv, x, norm)[broken] <= eps * (1 + 1e-5)).all())
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     assert torch.equal(res.x_adv[~broken], x[~broken])
     assert res.stage_names == ["apgd-ce", "apgd-t", "square"]
@@ -213,4 +209,4 @@ def test_fab_t_stage_through_pyautoattack(rl, held_out):
     broken = res.broken_by >= 0
     with torch.no_grad():
         assert bool((rl(res.x_adv[broken]).argmax(1) != y[broken]).all())
-    assert bool((_dist(res.x_adv, x, "l2")[broken] <= 0.4 * (1 + 1e-4)).all())
+    assert bool((perturbation(res.x_adv, x, "l2")[broken] <= 0.4 * (1 + 1e-4)).all())

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from aerl_fast.attacks import AttackError, apgd, dlr_loss
 from aerl_fast.attacks.apgd_attack import checkpoints, halve
+from attack_checks import assert_batch_independent, perturbation
 from eval_fixtures import cpu_eval_env, held_out, tiny_models, tiny_runs  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("cpu_eval_env")
@@ -20,11 +21,6 @@ pytestmark = pytest.mark.usefixtures("cpu_eval_env")
 @pytest.fixture(scope="module")
 def sl(tiny_models):  # noqa: F811
     return tiny_models["sl"]
-
-
-def dist(a, b, norm):
-    d = (a - b).flatten(1).double()
-    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -86,6 +82,15 @@ def test_dlr_matches_float64_formula(k):
     torch.testing.assert_close(dlr_loss(4 * z + 7, y), dlr_loss(z, y), rtol=1e-4, atol=1e-4)
 
 
+def test_dlr_needs_enough_classes():
+    z, y = torch.randn(5, 3), torch.zeros(5, dtype=torch.long)
+    dlr_loss(z, y)                                     # 3 classes: untargeted is defined
+    with pytest.raises(AttackError, match="targeted DLR loss needs at least 4 classes"):
+        dlr_loss(z, y, torch.ones(5, dtype=torch.long))
+    with pytest.raises(AttackError, match="DLR loss needs at least 3 classes .* has 2"):
+        dlr_loss(z[:, :2], y)
+
+
 # -------------------------------------------------------------------------- the iteration
 
 def _trace(model, x, y, **kw):
@@ -140,12 +145,12 @@ def test_every_iterate_stays_in_ball_and_box_with_per_sample_eps(sl, held_out, n
 
     def hook(i, rows, s):
         for key in ("x", "x_best"):
-            worst.append(float((dist(s[key], x[rows], norm) / eps[rows].double()).max()))
+            worst.append(float((perturbation(s[key], x[rows], norm) / eps[rows].double()).max()))
             assert s[key].min() >= 0 and s[key].max() <= 1
     res = apgd(sl, x, y, eps=eps, norm=norm, steps=15, loss="dlr", hook=hook)
     assert max(worst) <= 1 + 1e-5 and len(worst) > 15
     hit = res.fooled & (sl(x).argmax(1) == y)
-    assert bool((dist(res.x_adv, x, norm)[hit] <= eps.double()[hit] * (1 + 1e-5)).all())
+    assert bool((perturbation(res.x_adv, x, norm)[hit] <= eps.double()[hit] * (1 + 1e-5)).all())
     with torch.no_grad():
         assert bool((sl(res.x_adv[hit]).argmax(1) != y[hit]).all())
 
@@ -170,12 +175,7 @@ def test_targeted_runs_go_through_the_ranked_classes(sl, held_out):
 def test_results_do_not_depend_on_the_batch(sl, held_out):
     x, y = held_out[0][:24], held_out[1][:24]
     kw = dict(eps=3 / 255, norm="linf", steps=12, loss="ce", seed=5)
-    whole = apgd(sl, x, y, **kw)
-    parts = [apgd(sl, x[i:i + 7], y[i:i + 7], sample_ids=torch.arange(i, min(i + 7, 24)), **kw)
-             for i in range(0, 24, 7)]
-    assert torch.equal(whole.fooled, torch.cat([p.fooled for p in parts]))
-    assert torch.equal(whole.forwards, torch.cat([p.forwards for p in parts]))
-    torch.testing.assert_close(whole.x_adv, torch.cat([p.x_adv for p in parts]), atol=1e-6, rtol=0)
+    whole = assert_batch_independent(apgd, sl, x, y, 7, **kw)
     other_seed = apgd(sl, x, y, **dict(kw, seed=6))
     assert not torch.equal(other_seed.x_adv, whole.x_adv)  # the seed does reach the draws
 

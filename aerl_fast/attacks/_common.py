@@ -69,7 +69,11 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tenso
     saturated softmax (small CE gradients) does not stall it.
     """
     z = logits.float()
-    top = z.topk(4 if target is not None else 3, dim=1).values
+    need = 4 if target is not None else 3
+    if z.shape[1] < need:
+        raise AttackError(f"the {'targeted ' if target is not None else ''}DLR loss needs at least {need} classes "
+                          f"(it divides by a gap between sorted logits); the model has {z.shape[1]}: use loss='ce'")
+    top = z.topk(need, dim=1).values
     if target is None:
         return -margin(z, y) / (top[:, 0] - top[:, 2] + 1e-12)
     z_y = z.gather(1, y[:, None]).squeeze(1)
@@ -226,9 +230,7 @@ def resolve_compact_every(compact_every: Optional[int], device) -> int:
     where there is no device to wait for; every 5 on CUDA."""
     if compact_every is None:
         return 1 if torch.device(device).type == "cpu" else 5
-    if int(compact_every) != compact_every or compact_every < 1:
-        raise AttackError(f"compact_every must be an integer >= 1, got {compact_every}")
-    return int(compact_every)
+    return check_count("compact_every", compact_every)
 
 
 def index(v: Scalar, idx: torch.Tensor) -> Scalar:

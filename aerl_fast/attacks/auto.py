@@ -18,7 +18,7 @@ from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 
-from ._common import AttackError, attack_mode, check_batch, check_norm
+from ._common import AttackError, attack_mode, check_batch, check_image_range, check_norm
 from aerl_fast.errors import UserError
 
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -115,6 +115,7 @@ def autoattack(model, x, y, *, eps: float, norm: str = "linf", version: str = "s
     """
     check_batch(x, y)
     norm = check_norm(norm)
+    check_image_range(x, (0.0, 1.0))  # AutoAttack keeps images in [0, 1]
     try:
         eps = float(eps)
     except (TypeError, ValueError):
