@@ -1,16 +1,13 @@
 """The verdict must be able to fail: deliberately masked models get "masking likely" naming the check
 that caught them, an honestly trained model gets "no masking signs", a crippled attack gets
 "attack failure", and the worst case is the per-sample union of the attacks (read back from the
-per-sample files)."""
+per-sample files).  The decision logic on hand-made per-sample outcomes: tests/test_verdict_logic.py."""
 import csv
 
 import pytest
 import torch
 
 from aerl_fast import evaluate
-from aerl_fast.analysis.verdict import (GRADIENT_FREE, SINGLE_STEP, TRANSFER, WHITE_BOX, AttackBreaks,
-                                        check_convergence, check_ordering, check_self_test, decide, min_count,
-                                        worst_case)
 from aerl_fast.evaluate import EvalConfig, EvalOptions
 from eval_fixtures import cpu_eval_env, held_out, tiny_models, tiny_runs  # noqa: F401 - fixtures
 
@@ -124,56 +121,6 @@ def test_worst_case_is_the_per_sample_union_in_the_files(tiny_models, data, tmp_
             assert sum(union) <= sum(int(r["clean_correct"]) and not int(r[c]) for r in rows)
     md = (tmp_path / "results.md").read_text()
     assert "## Verdict" in md and "worst case (union)" in md
-
-
-def _breaks(name, kind, bits):
-    return AttackBreaks(name, kind, torch.tensor(bits, dtype=torch.bool))
-
-
-def test_worst_case_and_unique_breaks_by_hand():
-    clean = torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.bool)
-    atts = [_breaks("pgd", WHITE_BOX, [1, 0, 0, 0, 1, 0]), _breaks("apgd-t", WHITE_BOX, [1, 1, 0, 0, 0, 0]),
-            _breaks("square", GRADIENT_FREE, [0, 0, 1, 0, 0, 0])]
-    w = worst_case(clean, atts)
-    assert (w.n, w.clean, w.robust) == (6, 5, 2)          # points 3 and 5 survive everything
-    assert w.broken_by == {"pgd": 1, "apgd-t": 2, "square": 1}  # point 4 is not clean-correct: not counted
-    assert w.only_by == {"pgd": 0, "apgd-t": 1, "square": 1}
-    assert w.robust_mask.tolist() == [False, False, False, True, False, True]
-
-
-@pytest.mark.parametrize("missed, flagged", [(0, False), (1, False), (2, True)])
-def test_ordering_flags_points_the_white_box_attacks_missed(missed, flagged):
-    n = 100
-    white = torch.zeros(n, dtype=torch.bool)
-    white[:30] = True
-    other = white.clone()
-    other[30:30 + missed] = True
-    for kind, check in ((TRANSFER, "ordering_transfer"), (GRADIENT_FREE, "ordering_gradient_free"),
-                        (SINGLE_STEP, "ordering_single_step")):
-        flags = {f.check: f for f in check_ordering([AttackBreaks("w", WHITE_BOX, white), AttackBreaks("o", kind, other)], n)}
-        assert flags[check].flagged is flagged and flags[check].numbers["missed_by_white_box"] == missed
-    assert min_count(100) == 2 and min_count(1000) == 5 and min_count(10) == 2
-
-
-@pytest.mark.parametrize("extra, n, flagged", [(0, 1000, False), (4, 1000, False), (5, 1000, True), (2, 50, True)])
-def test_convergence_threshold(extra, n, flagged):
-    assert check_convergence(extra, 100, n, "x").flagged is flagged
-
-
-@pytest.mark.parametrize("broken, attempted, flagged", [(64, 64, False), (61, 64, False), (60, 64, True), (0, 64, True)])
-def test_self_test_threshold(broken, attempted, flagged):
-    assert check_self_test(broken, attempted).flagged is flagged
-    assert check_self_test(0, 0).flagged is None
-
-
-def test_decide_puts_attack_failure_before_masking():
-    w = worst_case(torch.ones(4, dtype=torch.bool), [])
-    ok, bad_attack = check_self_test(4, 4), check_self_test(0, 4)
-    masked = check_convergence(3, 4, 4, "x")
-    settings = {"eps": 0.5, "norm": "l2"}
-    assert decide(w, [ok], settings).label == "no masking signs"
-    assert decide(w, [ok, masked], settings).label == "masking likely"
-    assert decide(w, [bad_attack, masked], settings).label == "attack failure"
 
 
 def test_shortcut_model_is_unchanged_at_its_anchors_and_broken_at_the_far_point():
