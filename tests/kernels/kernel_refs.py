@@ -34,6 +34,22 @@ def pg_loss_f64(logits, labels, actions, prob_floor=0.0, reduction="mean", grad_
     return loss.detach(), grad
 
 
+def pg_grad_closed_form(logits, labels, actions, prob_floor=0.0):
+    """∂/∂z of the summed loss −Σ r·log(q[a] + f) without autograd, in float64: with p = softmax(z),
+    q = (p + f)/(1 + C·f) and ∂p_a/∂z_j = p_a(δ_aj − p_j), row i's gradient is
+    −r_i · p_a(δ_aj − p_j) / ((1 + C·f)(q_a + f)); at f = 0 that is −r_i(δ_aj − p_j)."""
+    z = logits.detach().double()
+    p = torch.softmax(z, dim=1)
+    rows = torch.arange(len(z))
+    p_a = p[rows, actions]
+    onehot = torch.zeros_like(p)
+    onehot[rows, actions] = 1.0
+    r = (actions == labels).double()
+    renorm = 1 + z.shape[1] * prob_floor
+    q_a = (p_a + prob_floor) / renorm
+    return -(r * p_a / (renorm * (q_a + prob_floor)))[:, None] * (onehot - p)
+
+
 def study_probs(logits):
     """The study's policy: softmax + 1e-6, renormalised."""
     p = torch.softmax(logits, dim=-1) + STUDY_FLOOR
