@@ -227,7 +227,7 @@ def test_gradients_flag_counts_zero_and_non_finite_rows_against_the_threshold(ze
 
 
 @pytest.mark.parametrize("saturated, n, flagged", [(50, 100, False), (51, 100, True), (0, 100, False),
-                                                    (100, 100, True), (0, 0, False)])
+                                                    (100, 100, True), (1, 1, True), (0, 0, False)])
 def test_saturation_flags_more_than_half(saturated, n, flagged):
     f = mk.check_saturation({"n": n, "saturated": saturated})
     assert f.flagged is flagged
@@ -265,3 +265,59 @@ def test_flag_labels_and_summary_name_only_what_fired():
     assert mk.summarize([fired, quiet, skipped, mk.MaskingFlag("d", True, "")]) == "a, d"
     assert mk.summarize([quiet, skipped]) == "none"
     assert skipped.to_dict() == {"check": "c", "flagged": None, "observed": "why", "numbers": {}}
+
+
+H = {"n": 100, "zero": 3, "nonfinite": 1, "saturated": 60, "precision": "bfloat16", "loss": "margin"}
+# every check's report, word for word (results.md prints it), where it fires, where it does not, and
+# where it cannot run
+REPORTS = [
+    (lambda: mk.check_zero_gradients(3, 10), "zero_gradients", True,
+     "3 of 10 samples (30.0%) have an exactly zero input gradient of the ce loss at the clean image (saturated "
+     "softmax: CE-based attacks cannot move them; try --loss margin)"),
+    (lambda: mk.check_zero_gradients(0, 10, "margin"), "zero_gradients", False,
+     "0 of 10 samples (0.0%) have an exactly zero input gradient of the margin loss at the clean image"),
+    (lambda: mk.check_transfer("t", 0.3, {"t": 0.3, "s": 0.2}), "transfer", True,
+     "strongest transfer (crafted on s) leaves 20.0% vs 30.0% white-box: the model's own gradients are the "
+     "weaker attack"),
+    (lambda: mk.check_transfer("t", 0.3, {"t": 0.3, "s": 0.4}), "transfer", False,
+     "strongest transfer (crafted on s) leaves 40.0% vs 30.0% white-box"),
+    (lambda: mk.check_transfer("t", 0.3, {"t": 0.3}), "transfer", None, "needs at least two models (--transfer)"),
+    (lambda: mk.check_epsilon_curve([0.5, 1.0], [0.2, 0.3], 2.0, 0.0, 8), "epsilon_curve", True,
+     "accuracy 20.0% (eps 0.5) -> 30.0% (eps 1); rises from 20.0% at eps 0.5 to 30.0% at eps 1; 0.0% of 8 "
+     "clean-correct samples survive PGD at eps 2 (a radius covering the whole image box)"),
+    (lambda: mk.check_epsilon_curve([0.5, 1.0], [0.3, 0.2], None, None), "epsilon_curve", False,
+     "accuracy 30.0% (eps 0.5) -> 20.0% (eps 1)"),
+    (lambda: mk.check_epsilon_curve([0.5], [0.3], None, None), "epsilon_curve", None,
+     "needs several eps values or the large-eps attack"),
+    (lambda: mk.check_gradient_free(0.1, 0.3), "gradient_free", True,
+     "Square (gradient-free) leaves 10.0% vs 30.0% for the gradient attack on the same 0 samples"),
+    (lambda: mk.check_gradient_free(0.3, 0.3, n=5), "gradient_free", False,
+     "Square (gradient-free) leaves 30.0% vs 30.0% for the gradient attack on the same 5 samples"),
+    (lambda: mk.check_gradient_free(None, 0.3), "gradient_free", None, "Square attack not run"),
+    (lambda: mk.check_gradients(H, 4), "gradients", True,
+     "3 zero and 1 non-finite input gradients of the margin loss in bfloat16 among 100 samples: gradient attacks "
+     "cannot move these points (shattered, saturated or underflowing gradients)"),
+    (lambda: mk.check_gradients(H, 5), "gradients", False,
+     "3 zero and 1 non-finite input gradients of the margin loss in bfloat16 among 100 samples"),
+    (lambda: mk.check_saturation(H), "saturation", True,
+     "60% of the samples have a softmax probability of exactly 1 for their label in fp32: cross-entropy gradients "
+     "vanish there (try the margin/DLR losses)"),
+    (lambda: mk.check_saturation(H, max_share=0.6), "saturation", False,
+     "60% of the samples have a softmax probability of exactly 1 for their label in fp32"),
+    (lambda: mk.check_randomness(3, 0.25, 64), "randomness", True,
+     "two forward passes of the same 64 images change 3 predictions (largest logit difference 0.25, relative): "
+     "randomised defence; evaluate its expectation (EOT)"),
+    (lambda: mk.check_randomness(0, 0.0, 64), "randomness", False,
+     "two forward passes of the same 64 images change 0 predictions (largest logit difference 0, relative)"),
+    (lambda: mk.check_epsilon_to_zero([0.5, 4.0], [0.4, 0.05], 1.25), "epsilon_to_zero", True,
+     "accuracy 40.0% (eps 0.5), 5.0% (eps 4); median minimal adversarial distance 1.25: points survive a radius "
+     "that reaches every image"),
+    (lambda: mk.check_epsilon_to_zero([0.5, 4.0], [0.4, 0.0], None), "epsilon_to_zero", False,
+     "accuracy 40.0% (eps 0.5), 0.0% (eps 4); median minimal adversarial distance n/a"),
+]
+
+
+@pytest.mark.parametrize("make, check, flagged, observed", REPORTS)
+def test_each_check_reports_its_name_verdict_and_evidence(make, check, flagged, observed):
+    f = make()
+    assert (f.check, f.flagged, f.observed) == (check, flagged, observed)

@@ -115,6 +115,14 @@ def test_convergence_threshold(extra, n, flagged):
     assert ("had not converged" in f.observed) is flagged
 
 
+def test_convergence_reports_word_for_word():
+    fired, quiet = check_convergence(5, 40, 1000, "APGD x2"), check_convergence(4, 40, 1000, "APGD x2")
+    assert (fired.check, fired.observed) == ("convergence", "APGD x2 broke 5 more of the 40 points still robust "
+                                                            "(0.5% of 1000): the attack had not converged")
+    assert (quiet.check, quiet.observed) == ("convergence", "APGD x2 broke 4 more of the 40 points still robust "
+                                                            "(0.4% of 1000)")
+
+
 @pytest.mark.parametrize("broken, attempted, flagged", [(64, 64, False), (61, 64, False), (60, 64, True),
                                                         (0, 64, True), (19, 20, False), (18, 20, True)])
 def test_self_test_threshold(broken, attempted, flagged):
@@ -164,11 +172,17 @@ def test_the_sentence_names_the_model_the_threat_and_what_fired():
     masked = decide(w, [_flag("attack_self_test", False), _flag("gradients", True, "4 zero"), _flag("saturation", False),
                         _flag("randomness", True, "changed")], SETTINGS)
     assert masked.label == "masking likely"
-    assert masked.sentence.startswith("At L2 ε = 0.5, the worst case over 2 attacks leaves 50.0% of 8 test images "
-                                      "correct, but the gradient-masking checks gradients, randomness fired (4 zero)")
+    assert masked.sentence == ("At L2 ε = 0.5, the worst case over 2 attacks leaves 50.0% of 8 test images correct, "
+                               "but the gradient-masking checks gradients, randomness fired (4 zero); this number is "
+                               "an upper bound that adaptive or gradient-free attacks may lower further, not evidence "
+                               "of robustness.")
+    unnamed = decide(w, [_flag("attack_self_test", True, "broke 0 of 9")], {})   # nothing about the threat known
+    assert unnamed.sentence == ("The white-box attack failed its self-test on the model (broke 0 of 9); no robustness "
+                                "claim at  ε = nan can rest on it.")
     clean_v = decide(w, [_flag("attack_self_test", False), _flag("gradients", False)], {"eps": 0.25, "norm": "linf"})
-    assert clean_v.sentence.startswith("At linf ε = 0.25, the worst case over 2 attacks (white-box, transfer and "
-                                       "gradient-free) leaves 50.0% of 8 test images correct")
+    assert clean_v.sentence == ("At linf ε = 0.25, the worst case over 2 attacks (white-box, transfer and "
+                                "gradient-free) leaves 50.0% of 8 test images correct, and none of 2 gradient-masking "
+                                "and attack checks fired.")
     js = masked.to_json()
     assert js["label"] == "masking likely" and js["sentence"] == masked.sentence and js["settings"] == SETTINGS
     assert js["worst_case"] == w.to_json() and [c["check"] for c in js["checks"]] == [

@@ -91,8 +91,6 @@ def check_epsilon_curve(eps: Sequence[float], acc: Sequence[float], large_eps: O
                      "(a radius covering the whole image box)")
     if not parts:
         return MaskingFlag("epsilon_curve", None, "needs several eps values or the large-eps attack")
-    if len(pairs) < 2 and large_acc is None:
-        return MaskingFlag("epsilon_curve", None, "; ".join(parts))
     return MaskingFlag("epsilon_curve", bool(rises) or large_bad, "; ".join(parts))
 
 

@@ -68,9 +68,9 @@ def worst_case(clean_ok: torch.Tensor, attacks: Sequence[AttackBreaks]) -> Worst
     """The per-sample union of every attack's breaks (never the best single attack's number)."""
     clean_ok = clean_ok.bool().cpu()
     n = int(clean_ok.numel())
-    stack = torch.stack([a.broken.bool().cpu() & clean_ok for a in attacks]) if attacks else \
-        torch.zeros(0, n, dtype=torch.bool)
-    any_broken = stack.any(0) if len(attacks) else torch.zeros(n, dtype=torch.bool)
+    # no attack: one row that breaks nothing
+    stack = torch.stack([a.broken.bool().cpu() & clean_ok for a in attacks] or [torch.zeros_like(clean_ok)])
+    any_broken = stack.any(0)
     hits = stack.sum(0)
     robust = clean_ok & ~any_broken
     return WorstCase(n, int(clean_ok.sum()), int(robust.sum()),
@@ -80,7 +80,7 @@ def worst_case(clean_ok: torch.Tensor, attacks: Sequence[AttackBreaks]) -> Worst
 
 def check_ordering(attacks: Sequence[AttackBreaks], n: int) -> List[MaskingFlag]:
     """White-box ⊇ transfer, white-box ⊇ gradient-free, iterative ⊇ single-step, per sample."""
-    def union(kind, exclude_single=False):
+    def union(kind):
         rows = [a.broken.bool().cpu() for a in attacks if a.kind == kind]
         return torch.stack(rows).any(0) if rows else None
     white = union(WHITE_BOX)
@@ -144,8 +144,8 @@ class Verdict:
 def decide(worst: WorstCase, checks: List[MaskingFlag], settings: dict, name: str = "the model") -> Verdict:
     """The label and the sentence a paper would write."""
     failed = [c for c in checks if c.check == "attack_self_test" and c.flagged]
-    raised = [c for c in checks if c.flagged and c.check != "attack_self_test"]
-    threat = f"{settings.get('norm_name', settings.get('norm', ''))} ε = {settings.get('eps', float('nan')):g}"
+    raised = [c for c in checks if c.flagged]   # read only when the self-test passed
+    threat = f"{settings.get('norm_name', settings.get('norm', ''))} ε = {settings.get('eps', math.nan):g}"
     acc = f"{100 * worst.accuracy:.1f}% of {worst.n} test images"
     if failed:
         label = "attack failure"
