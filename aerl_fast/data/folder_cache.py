@@ -81,7 +81,7 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
-def remove_stale_temps(root: Path) -> list:
+def remove_orphaned_temps(root: Path) -> list:
     """Delete the cache temporaries in `root` whose writing process is gone (killed mid-write).
 
     Keyed on the pid in the name, so another live process's file is kept; on a folder shared by
@@ -100,7 +100,7 @@ def write_cache(path: Path, images: np.ndarray, labels: np.ndarray, key: str, de
     """Atomically: a uniquely named temporary file in the same folder, fsynced, then renamed over `path`
     (concurrent writers, e.g. torchrun processes, each write their own temporary file).  A read-only
     dataset folder means no cache, no harm."""
-    remove_stale_temps(path.parent)
+    remove_orphaned_temps(path.parent)
     for old in path.parent.glob(f"{path.stem}_*.npz"):  # older versions put the image count in the name
         old.unlink(missing_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
