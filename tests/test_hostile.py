@@ -174,3 +174,164 @@ def test_bombs_left_memory_bounded(bomb_results):
     _, results, _ = bomb_results
     peak = max(r["maxrss"] for r in results.values() if "maxrss" in r)
     assert peak < 2 << 30, f"peak RSS {peak / 2**20:.0f} MiB"
+
+
+# ------------------------------------------------------------------- labels and images of an npz
+
+def _npz(path, x, y, xt=None, yt=None, **extra):
+    np.savez(path, X_train=x, y_train=y, X_test=x if xt is None else xt, y_test=y if yt is None else yt, **extra)
+    return path
+
+
+def test_nan_images_say_nan_and_a_range_error_still_says_range(tmp_path):
+    x = np.random.default_rng(0).random((5, 8, 8, 3)).astype(np.float32)
+    y = np.arange(5) % 2
+    np.testing.assert_array_equal(load_npz(_npz(tmp_path / "ok.npz", x, y)).images, np.round(x * 255).astype(np.uint8))
+    bad = x.copy()
+    bad[3, 2, 1, 0] = np.nan
+    with pytest.raises(DatasetError, match=r"nan\.npz\[X_train\]: float images hold 1 NaN value\(s\) \(first in image 3\)"):
+        load_npz(_npz(tmp_path / "nan.npz", bad, y))
+    with pytest.raises(DatasetError, match=r"range \[0, 1\.5\]"):
+        load_npz(_npz(tmp_path / "range.npz", np.where(x > 0.5, 1.5, 0.0), y))
+
+
+def test_a_stray_label_is_named_and_too_many_classes_refused(tmp_path, capsys):
+    x = np.zeros((61, 8, 8, 3), np.uint8)
+    y = np.r_[np.arange(60) % 10, 57]
+    s = load_npz(_npz(tmp_path / "stray.npz", x, y, xt=x[:60], yt=y[:60]))
+    err = capsys.readouterr().err
+    assert len(s.classes) == 58 and "stray.npz" in err and "57 (1 sample)" in err and "58 classes" in err
+    load_npz(_npz(tmp_path / "clean.npz", x[:60], y[:60]))
+    assert "warning" not in capsys.readouterr().err  # contiguous labels: no warning
+    # more classes than the file has labels: most would be empty; exactly as many is fine
+    with pytest.raises(DatasetError, match=r"few\.npz: label 9 implies 10 classes but the file holds only 8"):
+        load_npz(_npz(tmp_path / "few.npz", x[:4], np.array([0, 1, 2, 9])))
+    assert len(load_npz(_npz(tmp_path / "exact.npz", x[:4], np.array([0, 1, 2, 3]))).classes) == 4
+
+
+@pytest.mark.parametrize("labels, match", [
+    (np.array([0.0, 1.0, 1e20, 0.0]), r"label 1e\+20 at index 2 is out of range"),
+    (np.array([0.0, np.nan, 1.0, 0.0]), r"label nan at index 1 is not a number"),
+    (np.array([0.0, np.inf, 1.0, 0.0]), r"label inf at index 1 is not a number"),
+    (np.array([0.0, 0.5, 1.0, 0.0]), r"labels must be integers, got 0.5 at index 1"),
+    (np.array([0, 1, 2 ** 63 + 5, 1], np.uint64), r"label 9223372036854775813 is out of range"),
+    (np.array([0, -1, 1, 0]), r"label -1 is negative"),
+    (np.array(["a", "b", "a", "b"]), r"labels must be integers, got dtype <U1"),
+])
+def test_labels_that_would_overflow_or_truncate_are_refused(tmp_path, labels, match):
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(DatasetError, match=match):
+        load_npz(_npz(tmp_path / "l.npz", x, labels))
+
+
+def test_float_labels_with_integer_values_still_load(tmp_path):
+    s = load_npz(_npz(tmp_path / "f.npz", np.zeros((4, 8, 8, 3), np.uint8), np.array([0.0, 1.0, 2.0, 1.0])))
+    np.testing.assert_array_equal(s.labels, [0, 1, 2, 1])
+
+
+def test_one_hot_rows_without_a_single_maximum_are_refused(tmp_path):
+    x = np.zeros((3, 8, 8, 3), np.uint8)
+    onehot = np.eye(3, dtype=np.float32)
+    np.testing.assert_array_equal(load_npz(_npz(tmp_path / "ok.npz", x, onehot)).labels, [0, 1, 2])
+    tie = onehot.copy()
+    tie[1] = 0  # all zeros: argmax would silently say class 0
+    with pytest.raises(DatasetError, match=r"one-hot row 1 has no single largest entry"):
+        load_npz(_npz(tmp_path / "tie.npz", x, tie))
+
+
+def test_class_names_stored_as_bytes_are_decoded_and_malformed_names_refused(tmp_path):
+    x = np.zeros((2, 8, 8, 3), np.uint8)
+    y = np.array([0, 1])
+    s = load_npz(_npz(tmp_path / "b.npz", x, y, classes=np.array([b"cat", b"dog"])))
+    assert s.classes == ["cat", "dog"]
+    with pytest.raises(DatasetError, match=r"m\.npz\[classes\]: class names must be a 1-D array of strings"):
+        load_npz(_npz(tmp_path / "m.npz", x, y, classes=np.array([[1, 2]])))
+
+
+def test_non_square_images_are_refused(tmp_path):
+    with pytest.raises(DatasetError, match=r"r\.npz\[X_train\]: images must be square, got 8×6"):
+        load_npz(_npz(tmp_path / "r.npz", np.zeros((2, 8, 6, 3), np.uint8), np.array([0, 1])))
+
+
+def test_the_memory_bound_refuses_what_the_machine_cannot_hold(tmp_path, monkeypatch):
+    import aerl_fast.limits as limits
+    from aerl_fast.models import ModelError, build_model
+    p = _npz(tmp_path / "one_mib.npz", np.zeros((1024, 32, 32, 1), np.uint8), np.arange(1024) % 2)
+    assert len(load_npz(p).labels) == 1024
+    m = build_model("alicnn", 10, width=0.25)
+    nbytes = 4 * sum(t.numel() for t in list(m.parameters()) + list(m.buffers()))  # all float32
+    monkeypatch.setattr(limits, "memory_bytes", lambda: 512 * 1024)
+    with pytest.raises(DatasetError, match=r"one_mib\.npz: X_train \(1024, 32, 32, 1\).*needs 1\.0 MiB but this machine allows 512\.0 KiB"):
+        load_npz(p)
+    with pytest.raises(ModelError, match=rf"alicnn at width 0.25 with 10 classes and 32 px images needs "
+                                         rf"{nbytes / 1024:.1f} KiB but this machine allows 512.0 KiB"):
+        build_model("alicnn", 10, width=0.25)
+
+
+# ------------------------------------------------------------------------- file-system oddities
+
+def test_cifar_member_that_is_a_folder_or_a_device_is_named(tmp_path):
+    path, _ = make_cifar(tmp_path / "d", "cifar10", n_per_batch=3)
+    (path / "test_batch").unlink()
+    (path / "test_batch").mkdir()
+    with pytest.raises(DatasetError, match=r"test_batch: not a regular file"):
+        load_dataset("cifar10", tmp_path / "d", "test")
+    path, _ = make_cifar(tmp_path / "z", "cifar10", n_per_batch=3)
+    (path / "data_batch_1").unlink()
+    (path / "data_batch_1").symlink_to("/dev/zero")  # read_bytes() would never end
+    with pytest.raises(DatasetError, match=r"data_batch_1: not a regular file"):
+        load_dataset("cifar10", tmp_path / "z", "train")
+
+
+@pytest.mark.parametrize("batch, match", [
+    ({"labels": [[0], [1, 2], [3]], "data": np.zeros((3, 3072), np.uint8)}, r"'labels' is not a list of integers"),
+    ({1: b"x", "other": b"y"}, r"missing key 'data' \(has \['1', 'other'\]\)"),
+    ({"labels": [0, 1, 12], "data": np.zeros((3, 3072), np.uint8)}, r"test_batch\['labels'\]: label 12 out of range"),
+])
+def test_malformed_cifar_batches_are_named(tmp_path, batch, match):
+    import pickle
+    path, _ = make_cifar(tmp_path, "cifar10", n_per_batch=3)
+    (path / "test_batch").write_bytes(pickle.dumps(batch, protocol=2) if 1 in batch else py2_pickle(batch))
+    with pytest.raises(DatasetError, match=match):
+        load_dataset("cifar10", tmp_path, "test")
+
+
+@pytest.mark.parametrize("names, match", [(7, r"label_names\]: class names must be a list of strings"),
+                                          ([b"\xff\xfe"] * 10, r"class names are not UTF-8")])
+def test_malformed_cifar_meta_is_named(tmp_path, names, match):
+    import pickle
+    path, _ = make_cifar(tmp_path, "cifar10", n_per_batch=3)
+    (path / "batches.meta").write_bytes(pickle.dumps({"label_names": names}, protocol=2))
+    with pytest.raises(DatasetError, match=r"batches\.meta.*" + match):
+        load_dataset("cifar10", tmp_path, "test")
+
+
+def test_image_folder_skips_fifos_and_folders_named_like_images(tmp_path):
+    """Pillow would block for ever on a FIFO: run the reader in a subprocess with a timeout."""
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (9, 9), (1, 2, 3)).save(tmp_path / "train" / cls / "ok.png")
+    os.mkfifo(tmp_path / "train" / "a" / "pipe.png")
+    (tmp_path / "train" / "b" / "folder.jpg").mkdir()
+    code = ("from aerl_fast.data.imagefolder import load_image_folder as f; import sys; "
+            "s = f(sys.argv[1], 'train', 8, cache=False, decoder='pil'); print(len(s.labels), list(s.labels))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "2"
+
+
+def test_image_folder_class_count_bound_and_empty_class_warning(tmp_path, monkeypatch, capsys):
+    import aerl_fast.data.imagefolder as imf
+    from PIL import Image
+    for cls in ("a", "b", "c"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+    for cls in ("a", "c"):
+        Image.new("RGB", (9, 9), (1, 2, 3)).save(tmp_path / "train" / cls / "ok.png")
+    s = imf.load_image_folder(tmp_path, "train", 8, cache=False, decoder="pil")
+    assert s.classes == ["a", "b", "c"]
+    assert "class folder(s) b hold no images" in capsys.readouterr().err
+    monkeypatch.setattr(imf, "MAX_CLASSES", 2)
+    with pytest.raises(DatasetError, match=r"3 class folders, more than the 2"):
+        imf.load_image_folder(tmp_path, "train", 8, cache=False, decoder="pil")
