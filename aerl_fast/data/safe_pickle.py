@@ -3,10 +3,10 @@
 Unpickling runs code named by the file, so a downloaded batch is never handed to `pickle.load`.
 CIFAR batches are Python 2 pickles holding only dicts, lists, str/bytes, ints and numpy arrays of
 plain numbers; the only globals they name are numpy's array reconstructor, `ndarray` and `dtype`
-(plus `_codecs.encode` in Python 3 re-pickles at protocol 2).  Anything else is refused with the
-name it asked for.
+(plus `_codecs.encode` in Python 3 re-pickles at protocol 2, and numpy's `_frombuffer` at
+protocol 5).  Anything else is refused with the name it asked for.
 
-Those four are not handed out raw either: each is a checked stand-in, so a file of a few bytes
+Those globals are not handed out raw either: each is a checked stand-in, so a file of a few bytes
 cannot make them allocate more than the file itself holds (an array "of 10^13 elements", a dtype
 with object fields, the same string encoded a million times).  Before anything is unpickled the
 opcode stream is scanned, so a length or memo index the data cannot back is refused before the
@@ -34,6 +34,9 @@ _ALLOWED = {
     ("numpy", "ndarray"): "_ndarray",
     ("numpy", "dtype"): "_dtype",
     ("_codecs", "encode"): "_encode",
+    # protocol 5 re-pickles (Python 3.14's default) spell an array as _frombuffer(bytes, dtype, shape, order)
+    ("numpy.core.numeric", "_frombuffer"): "_frombuffer",
+    ("numpy._core.numeric", "_frombuffer"): "_frombuffer",
 }
 NUMBER_KINDS = "biuf"                # bool, signed, unsigned, float: what image and label arrays hold
 LATIN1 = ("latin1", "latin-1")       # the one encoding protocol-2 re-pickles spell bytes with
@@ -57,7 +60,8 @@ class _DtypeRequest:
 
     def __init__(self, spec: str):
         self.dtype = np.dtype(spec)
-        if self.dtype.kind not in NUMBER_KINDS or self.dtype.fields or self.dtype.subdtype:
+        if self.dtype.kind not in NUMBER_KINDS or self.dtype.fields or self.dtype.subdtype \
+                or self.dtype.itemsize > 8:  # at most 8: bytes objects are aligned for it, numpy never copies
             raise UnsafePickleError(f"refusing numpy dtype {spec!r}: a dataset batch holds plain numbers")
 
     def __setstate__(self, state):
@@ -80,18 +84,9 @@ class _BoundedArray(np.ndarray):
         if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
             raise UnsafePickleError(f"refusing array state of {type(state).__name__}: not a numpy array")
         _, shape, dtype, fortran, raw = state
-        if not isinstance(dtype, _DtypeRequest):
-            raise UnsafePickleError("refusing an array whose dtype is not a numpy.dtype of numbers")
         if isinstance(raw, str):  # Python 2 str under encoding='latin1'
             raw = raw.encode("latin1")
-        if not isinstance(raw, bytes):
-            raise UnsafePickleError(f"refusing array data of type {type(raw).__name__}: "
-                                    f"a dataset array holds raw bytes")
-        n = self._guard.count_elements(shape, dtype.dtype.itemsize)
-        if n * dtype.dtype.itemsize != len(raw):
-            raise UnsafePickleError(f"array of shape {shape} needs {n * dtype.dtype.itemsize} bytes, "
-                                    f"the file gives {len(raw)}")
-        self._guard.spend(len(raw), f"array of shape {shape}")
+        self._guard.spend_array(raw, dtype, shape)
         super().__setstate__((1, tuple(shape), dtype.dtype, bool(fortran), raw))
 
 
@@ -102,6 +97,7 @@ class DatasetUnpickler(pickle.Unpickler):
     def __init__(self, file, *, budget: int, **kwargs):
         super().__init__(file, **kwargs)
         self.budget = budget
+        self._counted = {}  # id -> bytes already spent (kept alive so the id stays theirs)
 
     def find_class(self, module, name):
         try:
@@ -116,24 +112,50 @@ class DatasetUnpickler(pickle.Unpickler):
         if self.budget < 0:
             raise UnsafePickleError(f"refusing {what}: the file asks for more bytes than it holds")
 
-    def count_elements(self, shape, itemsize: int) -> int:
-        """Elements of `shape`, refused when its bytes could not have come from this file."""
+    def spend_array(self, raw, dtype, shape):
+        """Check that `raw` holds exactly an array of `shape` and `dtype`, and count its bytes."""
+        if not isinstance(dtype, _DtypeRequest):
+            raise UnsafePickleError("refusing an array whose dtype is not a numpy.dtype of numbers")
+        if not isinstance(raw, (bytes, bytearray)):
+            raise UnsafePickleError(f"refusing array data of type {type(raw).__name__}: "
+                                    f"a dataset array holds raw bytes")
+        n = self.count_elements(shape)
+        if n * dtype.dtype.itemsize != len(raw):
+            raise UnsafePickleError(f"array of shape {shape} needs {n * dtype.dtype.itemsize} bytes, "
+                                    f"the file gives {len(raw)}")
+        self.spend_once(raw, f"array of shape {shape}")  # numpy keeps the bytes, it does not copy them
+
+    def spend_once(self, raw, what: str):
+        """Count `raw` against the budget the first time it is seen (protocol-2 arrays reuse the
+        bytes `_codecs.encode` made)."""
+        if id(raw) not in self._counted:
+            self._counted[id(raw)] = raw
+            self.spend(len(raw), what)
+
+    @staticmethod
+    def count_elements(shape) -> int:
         if not (isinstance(shape, tuple) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                  for d in shape)):
             raise UnsafePickleError(f"refusing array shape {shape!r:.80}: not a tuple of sizes")
-        n = math.prod(shape)
-        if n * itemsize > self.budget:
-            raise UnsafePickleError(f"refusing an array of {n} elements ({n * itemsize} bytes): "
-                                    f"more than the file's remaining {max(self.budget, 0)} bytes can hold")
-        return n
+        return math.prod(shape)
 
     def _reconstruct(self, subtype, shape, typecode):
         if subtype is not _NdarrayToken or typecode not in (b"b", "b"):
             raise UnsafePickleError("refusing _reconstruct of anything but a plain numpy array")
-        self.spend(self.count_elements(shape, 1), f"an array of shape {shape}")  # genuine batches: (0,)
+        n = self.count_elements(shape)  # genuine batches ask for (0,): the data comes with the state
+        if n > self.budget:
+            raise UnsafePickleError(f"refusing an array of {n} elements: more than the file's remaining "
+                                    f"{max(self.budget, 0)} bytes can hold")
+        self.spend(n, f"an array of shape {shape}")
         arr = _reconstruct(_BoundedArray, shape, "b")
         arr._guard = self
         return arr
+
+    def _frombuffer(self, raw, dtype, shape, order):
+        if order not in ("C", "F"):
+            raise UnsafePickleError(f"refusing _frombuffer order {order!r:.20}")
+        self.spend_array(raw, dtype, shape)
+        return np.frombuffer(raw, dtype=dtype.dtype).reshape(shape, order=order)  # no copy: counted once
 
     def _dtype(self, spec, align=False, copy=True):
         if isinstance(spec, bytes):
@@ -149,8 +171,9 @@ class DatasetUnpickler(pickle.Unpickler):
         if not (isinstance(obj, str) and encoding in LATIN1 and errors == "strict"):
             raise UnsafePickleError(f"refusing _codecs.encode(<{type(obj).__name__}>, {encoding!r:.20}): "
                                     f"only latin1 strings spell bytes in a dataset batch")
-        self.spend(len(obj), "an encoded string")
-        return codecs.encode(obj, "latin1")
+        out = codecs.encode(obj, "latin1")
+        self.spend_once(out, "an encoded string")
+        return out
 
 
 def _prescan(data: bytes):
@@ -171,9 +194,13 @@ def _prescan(data: bytes):
 
 def _plain_arrays(root):
     """Replace the bounded arrays in the loaded dicts and lists by plain ndarray views, in place
-    (shared and cyclic references allowed)."""
+    (shared and cyclic references allowed; one array shared by several slots stays one object)."""
+    views = {}
+
+    def plain(arr):
+        return views.setdefault(id(arr), arr.view(np.ndarray))
     if isinstance(root, _BoundedArray):
-        return root.view(np.ndarray)
+        return plain(root)
     seen, stack = set(), [root]
     while stack:
         obj = stack.pop()
@@ -183,7 +210,7 @@ def _plain_arrays(root):
         slots = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
         for key, value in list(slots):
             if isinstance(value, _BoundedArray) and not isinstance(obj, tuple):
-                obj[key] = value.view(np.ndarray)
+                obj[key] = plain(value)
             elif isinstance(value, (dict, list, tuple)):
                 stack.append(value)
     return root
