@@ -40,11 +40,18 @@ def test_split_partitions_each_class_by_the_closed_form(frac):
     sizes = rng.permutation(SIZES[:14])
     labels = rng.permutation(np.repeat(np.arange(len(sizes)) * 3 + 7, sizes))  # sparse, shuffled labels
     train, val = stratified_split(labels, float(frac), seed=11)
+    assert train.dtype == val.dtype == np.int64  # usable as indices
     assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)  # sorted, no index twice
     assert len(np.intersect1d(train, val)) == 0
     np.testing.assert_array_equal(np.union1d(train, val), np.arange(len(labels)))
     for cls, n in zip(np.arange(len(sizes)) * 3 + 7, sizes):
         assert (labels[val] == cls).sum() == _closed_form(frac, n), (cls, n)
+
+
+def test_the_defaults_are_the_studys_90_10_split_with_seed_42():
+    labels = np.repeat(np.arange(4), [30, 21, 17, 40])
+    for got, want in zip(stratified_split(labels), stratified_split(labels, 0.1, 42)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_split_is_deterministic_per_seed_and_differs_between_seeds():

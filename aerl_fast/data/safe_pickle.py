@@ -60,8 +60,8 @@ class _DtypeRequest:
 
     def __init__(self, spec: str):
         self.dtype = np.dtype(spec)
-        if self.dtype.kind not in NUMBER_KINDS or self.dtype.fields or self.dtype.subdtype \
-                or self.dtype.itemsize > 8:  # at most 8: bytes objects are aligned for it, numpy never copies
+        # at most 8 bytes: a bytes object's buffer is aligned for them, so numpy never copies it
+        if self.dtype.kind not in NUMBER_KINDS or self.dtype.itemsize > 8:
             raise UnsafePickleError(f"refusing numpy dtype {spec!r}: a dataset batch holds plain numbers")
 
     def __setstate__(self, state):
@@ -73,7 +73,7 @@ class _DtypeRequest:
                 and state[1] in ("<", ">", "|", "=") and state[2:5] == (None, None, None)
                 and state[5:8] == (-1, -1, 0) and (len(state) == 8 or state[8] is None)):
             raise UnsafePickleError(f"refusing dtype state {state!r:.80}: not a plain number type")
-        if state[1] in "<>":
+        if state[1] in ("<", ">"):
             self.dtype = self.dtype.newbyteorder(state[1])
 
 
@@ -108,9 +108,11 @@ class DatasetUnpickler(pickle.Unpickler):
     _ndarray = _NdarrayToken
 
     def spend(self, nbytes: int, what: str):
+        """Count `nbytes` made from the file; refuse once the total exceeds the file's size."""
+        if nbytes > self.budget:
+            raise UnsafePickleError(f"refusing {what} ({nbytes} bytes): more than the file's remaining "
+                                    f"{self.budget} bytes can hold")
         self.budget -= nbytes
-        if self.budget < 0:
-            raise UnsafePickleError(f"refusing {what}: the file asks for more bytes than it holds")
 
     def spend_array(self, raw, dtype, shape):
         """Check that `raw` holds exactly an array of `shape` and `dtype`, and count its bytes."""
@@ -143,10 +145,7 @@ class DatasetUnpickler(pickle.Unpickler):
         if subtype is not _NdarrayToken or typecode not in (b"b", "b"):
             raise UnsafePickleError("refusing _reconstruct of anything but a plain numpy array")
         n = self.count_elements(shape)  # genuine batches ask for (0,): the data comes with the state
-        if n > self.budget:
-            raise UnsafePickleError(f"refusing an array of {n} elements: more than the file's remaining "
-                                    f"{max(self.budget, 0)} bytes can hold")
-        self.spend(n, f"an array of shape {shape}")
+        self.spend(n, f"an array of {n} elements")
         arr = _reconstruct(_BoundedArray, shape, "b")
         arr._guard = self
         return arr
@@ -157,17 +156,17 @@ class DatasetUnpickler(pickle.Unpickler):
         self.spend_array(raw, dtype, shape)
         return np.frombuffer(raw, dtype=dtype.dtype).reshape(shape, order=order)  # no copy: counted once
 
-    def _dtype(self, spec, align=False, copy=True):
+    def _dtype(self, spec, *align_copy):  # align and copy change nothing for plain number types
         if isinstance(spec, bytes):
             spec = spec.decode("latin1")
-        if not (isinstance(spec, str) and len(spec) <= 4 and spec[:1] in NUMBER_KINDS):
-            raise UnsafePickleError(f"refusing numpy dtype {spec!r:.40}: a dataset batch holds plain numbers")
+        if not isinstance(spec, str):
+            raise UnsafePickleError(f"refusing numpy dtype of {type(spec).__name__}: a dataset batch holds plain numbers")
         try:
             return _DtypeRequest(spec)
-        except TypeError:
+        except (TypeError, ValueError, SyntaxError):  # not a dtype numpy can parse
             raise UnsafePickleError(f"refusing numpy dtype {spec!r}: not a number type") from None
 
-    def _encode(self, obj, encoding="utf-8", errors="strict"):
+    def _encode(self, obj, encoding, errors="strict"):
         if not (isinstance(obj, str) and encoding in LATIN1 and errors == "strict"):
             raise UnsafePickleError(f"refusing _codecs.encode(<{type(obj).__name__}>, {encoding!r:.20}): "
                                     f"only latin1 strings spell bytes in a dataset batch")
