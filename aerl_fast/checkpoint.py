@@ -46,8 +46,6 @@ def first_non_finite(tree, prefix: str = "") -> Optional[str]:
             for i, v in enumerate(node):
                 collect(v, f"{key}.{i}" if key else str(i))
     collect(tree, prefix)
-    if not tensors:
-        return None
     by_device = {}
     for i, (_, t) in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)

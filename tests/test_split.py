@@ -1,6 +1,7 @@
-"""The stratified split against its closed form, computed independently in exact decimal
-arithmetic, on class sizes where the rounding decides; partition and determinism properties."""
-from decimal import ROUND_FLOOR, Decimal
+"""The stratified split against its closed form, rounded independently in exact decimal arithmetic
+(half to even on the float product's exact value), on class sizes where the rounding decides;
+partition and determinism properties."""
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import numpy as np
 import pytest
@@ -10,13 +11,16 @@ from aerl_fast.errors import ConfigError
 
 
 def _closed_form(frac: str, n: int) -> int:
-    """floor(frac · n + 1/2) in exact decimals, at least 1 when frac > 0 and n > 1."""
-    k = int((Decimal(frac) * n + Decimal("0.5")).to_integral_value(rounding=ROUND_FLOOR))
+    """The float product val_frac · n (one IEEE multiplication), its exact value rounded half to even
+    in decimal arithmetic; at least 1 when frac > 0 and n > 1."""
+    product = Decimal(np.float64(float(frac)) * np.float64(n))  # exact value of the double
+    k = int(product.quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
     return 1 if (k == 0 and Decimal(frac) > 0 and n > 1) else k
 
 
-# halves (where float products fall either side: 0.1·25 = 2.5 exactly, 0.7·45 = 31.4999...), a floor
-# that differs from rounding (1.9), tiny classes (the at-least-one rule), and plain cases
+# halves (exact ones round to even: 0.1·25 = 2.5, 0.1·45 = 4.5; inexact ones go by their float
+# value: 0.1·35 = 3.5000000000000004, 0.7·45 = 31.499999999999996), a floor that differs from
+# rounding (1.9), tiny classes (the at-least-one rule), and plain cases
 SIZES = [1, 2, 3, 5, 9, 11, 15, 19, 25, 35, 45, 50, 55, 65, 75, 90, 100, 1300, 5000]
 FRACS = ["0.1", "0.25", "0.3", "0.7", "0.35", "0.29", "0.05", "0.15", "0"]
 
@@ -27,11 +31,13 @@ def test_val_count_is_the_closed_form(frac):
         assert val_count(float(frac), n) == _closed_form(frac, n), (frac, n)
 
 
-def test_closed_form_cases_that_float_rounding_gets_wrong():
-    assert round(0.1 * 25) == 2 and val_count(0.1, 25) == 3      # banker's rounding of an exact half
-    assert int(0.7 * 45 + 0.5) == 31 and val_count(0.7, 45) == 32  # float product 31.4999...
-    assert val_count(0.1, 19) == 2 and val_count(0.1, 14) == 1   # rounds, does not floor or ceil
-    assert val_count(0.1, 1) == 0 and val_count(0.1, 2) == 1     # a single sample stays in training
+def test_the_cases_where_the_rounding_rule_decides():
+    assert val_count(0.1, 25) == 2 and val_count(0.1, 45) == 4 and val_count(0.1, 55) == 6  # halves to even
+    assert val_count(0.1, 15) == 2 and val_count(0.1, 35) == 4     # products a hair above the half
+    assert val_count(0.7, 45) == 31 and val_count(0.29, 50) == 14  # products a hair below the half
+    assert val_count(0.1, 19) == 2 and val_count(0.1, 14) == 1     # rounds, does not floor or ceil
+    assert val_count(0.1, 1) == 0 and val_count(0.1, 2) == 1 and val_count(0.1, 5) == 1  # at least one
+    assert val_count(0.0, 50) == 0
 
 
 @pytest.mark.parametrize("frac", ["0.1", "0.25", "0.7"])
