@@ -71,6 +71,10 @@ def test_first_non_finite_names_the_first_key_and_ignores_integers():
             "d": torch.tensor([math.inf])}
     assert ck.first_non_finite(tree) == "b.1.c"
     assert ck.first_non_finite({"i": torch.tensor([2 ** 62]), "s": "nan"}) is None
+    # large finite half-precision values whose fp16 sum would overflow are still finite
+    assert ck.first_non_finite({"h": torch.full((100_000,), 60000.0, dtype=torch.float16),
+                                "b": torch.full((10,), 3e38, dtype=torch.bfloat16)}) is None
+    assert ck.first_non_finite({"h": torch.tensor([1.0, -math.inf], dtype=torch.float16)}) == "h"
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_on_loading(tmp_path):
