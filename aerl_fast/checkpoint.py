@@ -37,7 +37,7 @@ def first_non_finite(tree, prefix: str = "") -> Optional[str]:
 
     def collect(node, key):
         if torch.is_tensor(node):
-            if node.is_floating_point():
+            if node.is_floating_point() and not node.is_meta:  # a meta tensor holds no values
                 tensors.append((key, node))
         elif isinstance(node, Mapping):
             for k, v in node.items():
@@ -49,20 +49,18 @@ def first_non_finite(tree, prefix: str = "") -> Optional[str]:
     by_device = {}
     for i, (_, t) in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
-    finite = [True] * len(tensors)
+    finite = {}
     for idx in by_device.values():  # one synchronisation per device, not one per tensor
         # a float64 sum is finite exactly when every element is (it cannot overflow on float32,
         # bf16 or fp16 values), and is ~3x cheaper than isfinite().all()
         sums = torch.stack([tensors[i][1].sum(dtype=torch.float64) for i in idx])
-        flags = torch.isfinite(sums).cpu().tolist()
-        for i, ok in zip(idx, flags):
-            finite[i] = ok
-    return next((key for (key, _), ok in zip(tensors, finite) if not ok), None)
+        finite.update(zip(idx, torch.isfinite(sums).cpu().tolist()))
+    return next((key for i, (key, _) in enumerate(tensors) if not finite[i]), None)
 
 
 def _refuse_non_finite(state: Mapping, where) -> None:
     for part in ("model", "optimizer"):
-        bad = first_non_finite(state.get(part), part) if part in state else None
+        bad = first_non_finite(state.get(part), part)
         if bad is not None:
             raise CheckpointError(f"{where}: {bad} holds NaN or inf (the run diverged); "
                                   f"a checkpoint with non-finite weights is never used")
@@ -137,6 +135,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """The state of a checkpoint file or run folder, after the checks of this module's docstring."""
     p = resolve_checkpoint(path)
     try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # torch's zip format, or its legacy pickle
+        raise CheckpointError(f"{p}: not a checkpoint file ({'empty' if not head else f'it starts with {head!r}'}"
+                              f", not a zip archive)")
+    try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
             KeyError, IndexError, TypeError, AttributeError, MemoryError) as exc:
@@ -158,14 +164,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return state
 
 
-def build_from_spec(spec: dict, where="model_spec", device=None):
-    """The model a checkpoint's model_spec describes; a bad spec is a CheckpointError naming it."""
+def build_from_spec(spec: dict, where=None, device=None):
+    """The model a checkpoint's model_spec describes; a bad spec is a CheckpointError naming the
+    file `where` (when given), the key and the value."""
     from aerl_fast.models import build_model
     try:
         return build_model(spec["name"], spec["num_classes"], width=spec["width"], mean=spec["mean"],
                            std=spec["std"], image_size=spec["image_size"], device=device)
     except ModelError as exc:
-        raise CheckpointError(f"{where}: model_spec: {exc}") from None
+        raise CheckpointError(f"{where}: model_spec: {exc}" if where else f"model_spec: {exc}") from None
 
 
 def check_weights_fit(model: torch.nn.Module, weights: Mapping, where) -> None:
@@ -190,7 +197,7 @@ def load_model(path, device="cpu") -> torch.nn.Module:
     state = load_checkpoint(where, map_location=device)
     spec = state["model_spec"]
     check_weights_fit(build_from_spec(spec, where, device="meta"), state["model"], where)
-    model = build_from_spec(spec, where)
+    model = build_from_spec(spec)  # the spec passed the same checks on the meta device just above
     model.load_state_dict(state["model"])
     model.aerl_spec = dict(spec)
     model.aerl_config = dict(state.get("config", {}))

@@ -70,6 +70,7 @@ def test_first_non_finite_names_the_first_key_and_ignores_integers():
     tree = {"a": torch.ones(3), "b": [torch.tensor([1, 2]), {"c": torch.tensor([0.0, math.nan])}],
             "d": torch.tensor([math.inf])}
     assert ck.first_non_finite(tree) == "b.1.c"
+    assert ck.first_non_finite([torch.ones(2), torch.tensor([math.nan])]) == "1"  # a list at the top
     assert ck.first_non_finite({"i": torch.tensor([2 ** 62]), "s": "nan"}) is None
     # large finite half-precision values whose fp16 sum would overflow are still finite
     assert ck.first_non_finite({"h": torch.full((100_000,), 60000.0, dtype=torch.float16),
@@ -155,8 +156,27 @@ def test_a_weight_mismatch_names_the_key_and_both_shapes(tmp_path):
     state["model"]["extra.weight"] = state["model"].pop("1.features.0.weight")
     ck.save_checkpoint(state, tmp_path / "keys.pt")
     with pytest.raises(CheckpointError, match=r"keys\.pt: weights do not fit the model \(missing 1\.features\.0\.weight; "
-                                              r"unexpected extra\.weight\)"):
+                                              r"unexpected extra\.weight\)$"):
         ck.load_model(tmp_path / "keys.pt")
+
+
+@pytest.mark.parametrize("drop, add, reason", [
+    (["1.features.0.bias"], [], "missing 1.features.0.bias"),
+    ([], ["x.a"], "unexpected x.a"),
+    (["0.mean", "0.std", "1.features.0.weight"], [], "missing 0.mean, 0.std, 1.features.0.weight"),
+    (["0.mean", "0.std", "1.features.0.weight", "1.features.0.bias"], ["x.a", "x.b", "x.c", "x.d"],
+     "missing 0.mean, 0.std, 1.features.0.weight ...; unexpected x.a, x.b, x.c ..."),
+])
+def test_missing_and_unexpected_keys_are_listed_up_to_three(tmp_path, drop, add, reason):
+    state, _ = _state()
+    for k in drop:
+        del state["model"][k]
+    for k in add:
+        state["model"][k] = torch.zeros(1)
+    ck.save_checkpoint(state, tmp_path / "k.pt")
+    with pytest.raises(CheckpointError) as e:
+        ck.load_model(tmp_path / "k.pt")
+    assert str(e.value) == f"{tmp_path / 'k.pt'}: weights do not fit the model ({reason})"
 
 
 @pytest.mark.parametrize("change, match", [
@@ -179,7 +199,8 @@ def test_a_bad_model_spec_is_named(tmp_path, change, match):
 
 @pytest.mark.parametrize("state, match", [
     ({"model_spec": [1, 2], "model": {}}, r"model_spec is list, not a dict"),
-    ({"model_spec": {k: v for k, v in SPEC.items() if k != "width"}, "model": {}}, r"model_spec lacks width"),
+    ({"model_spec": {k: v for k, v in SPEC.items() if k not in ("width", "std")}, "model": {}},
+     r"model_spec lacks width, std$"),
     ({"model_spec": SPEC, "model": {"w": 3}}, r"'model' is not a dict of tensors"),
     ({"model_spec": SPEC, "model": {}, "config": [1]}, r"'config' is list, not a dict"),
 ])
@@ -196,8 +217,64 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
     ck.save_checkpoint(ok, tmp_path / "good.pt")
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    for name in ("empty.pt", "text.pt", "cut.pt"):
+    for name, reason in (("empty.pt", "not a checkpoint file (empty, not a zip archive)"),
+                         ("text.pt", "not a checkpoint file (it starts with b'hell', not a zip archive)"),
+                         ("cut.pt", "not a readable aerl_fast checkpoint (PytorchStreamReader failed reading zip "
+                                    "archive: failed finding central directory.")):
         with pytest.raises(CheckpointError) as e:
             ck.load_checkpoint(tmp_path / name)
-        assert str(e.value).startswith(f"{tmp_path / name}: not a readable aerl_fast checkpoint (")
-        assert "\n" not in str(e.value)
+        assert str(e.value).startswith(f"{tmp_path / name}: {reason}")
+        assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"state_dict": {"w": torch.zeros(2)}}, r"not an aerl_fast checkpoint \(format None\)$"),
+    ({"format": "other/2"}, r"not an aerl_fast checkpoint \(format other/2\)$"),
+    ([torch.zeros(2)], r"not an aerl_fast checkpoint \(format list\)$"),
+])
+def test_a_foreign_checkpoint_is_named(tmp_path, content, match):
+    torch.save(content, tmp_path / "f.pt")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'f.pt'}: " + match):
+        ck.load_checkpoint(tmp_path / "f.pt")
+
+
+def test_a_run_folder_resolves_to_best_then_last(tmp_path):
+    state, _ = _state()
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'nope'}: no such checkpoint file or run folder$"):
+        ck.resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}: no best.pt or last.pt in this run folder$"):
+        ck.resolve_checkpoint(tmp_path)
+    ck.save_checkpoint(state, tmp_path / "last.pt")
+    assert ck.resolve_checkpoint(tmp_path) == tmp_path / "last.pt"
+    ck.save_checkpoint(state, tmp_path / "best.pt")
+    assert ck.resolve_checkpoint(tmp_path) == tmp_path / "best.pt"
+    assert ck.resolve_checkpoint(tmp_path / "last.pt") == tmp_path / "last.pt"
+
+
+def test_save_creates_missing_folders_and_load_honours_map_location(tmp_path):
+    state, _ = _state()
+    ck.save_checkpoint(state, tmp_path / "a" / "b" / "last.pt")
+    meta = ck.load_checkpoint(tmp_path / "a" / "b" / "last.pt", map_location="meta")
+    assert all(t.device.type == "meta" for t in meta["model"].values())
+
+
+def test_the_meta_build_allocates_nothing_and_a_bad_spec_is_named_without_a_file():
+    model = ck.build_from_spec(dict(SPEC, name="cnn6", width=64), device="meta")
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) > 10 ** 10  # ~60 GB had it been real
+    with pytest.raises(CheckpointError, match=r"^model_spec: num_classes must be in \[2, 100000\], got 0$"):
+        ck.build_from_spec(dict(SPEC, num_classes=0))
+
+
+def test_a_spec_whose_model_would_not_fit_in_memory_is_compared_on_the_meta_device(tmp_path):
+    ck.save_checkpoint({"model_spec": dict(SPEC, name="cnn6", width=64), "model": {}}, tmp_path / "big.pt")
+    with pytest.raises(CheckpointError, match=r"big\.pt: weights do not fit the model \(missing 0\.mean, 0\.std, "
+                                              r"1\.features\.1\.weight \.\.\.\)$"):
+        ck.load_model(tmp_path / "big.pt")
+
+
+def test_a_checkpoint_without_config_loads_with_an_empty_one(tmp_path):
+    state, _ = _state()
+    del state["config"]
+    ck.save_checkpoint(state, tmp_path / "c.pt")
+    assert ck.load_model(tmp_path / "c.pt").aerl_config == {}
