@@ -140,8 +140,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except OSError as exc:
         raise CheckpointError(f"{p}: cannot read ({exc.strerror or exc})") from None
     if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # torch's zip format, or its legacy pickle
-        raise CheckpointError(f"{p}: not a checkpoint file ({'empty' if not head else f'it starts with {head!r}'}"
-                              f", not a zip archive)")
+        raise CheckpointError(f"{p}: not a readable aerl_fast checkpoint ("
+                              f"{'an empty file' if not head else f'it starts with {head!r}, not a zip archive'})")
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,

@@ -217,8 +217,8 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
     ck.save_checkpoint(ok, tmp_path / "good.pt")
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    for name, reason in (("empty.pt", "not a checkpoint file (empty, not a zip archive)"),
-                         ("text.pt", "not a checkpoint file (it starts with b'hell', not a zip archive)"),
+    for name, reason in (("empty.pt", "not a readable aerl_fast checkpoint (an empty file)"),
+                         ("text.pt", "not a readable aerl_fast checkpoint (it starts with b'hell', not a zip archive)"),
                          ("cut.pt", "not a readable aerl_fast checkpoint (PytorchStreamReader failed reading zip "
                                     "archive: failed finding central directory.")):
         with pytest.raises(CheckpointError) as e:
