@@ -2,6 +2,7 @@
 os.replace that raises), non-finite weights never written nor loaded, stale temporary files
 removed, and every refusal a one-line CheckpointError naming the file, the key and the value."""
 import math
+import pickle
 
 import pytest
 import torch
@@ -164,6 +165,7 @@ def test_a_weight_mismatch_names_the_key_and_both_shapes(tmp_path):
     (["1.features.0.bias"], [], "missing 1.features.0.bias"),
     ([], ["x.a"], "unexpected x.a"),
     (["0.mean", "0.std", "1.features.0.weight"], [], "missing 0.mean, 0.std, 1.features.0.weight"),
+    ([], ["x.a", "x.b", "x.c"], "unexpected x.a, x.b, x.c"),
     (["0.mean", "0.std", "1.features.0.weight", "1.features.0.bias"], ["x.a", "x.b", "x.c", "x.d"],
      "missing 0.mean, 0.std, 1.features.0.weight ...; unexpected x.a, x.b, x.c ..."),
 ])
@@ -278,3 +280,17 @@ def test_a_checkpoint_without_config_loads_with_an_empty_one(tmp_path):
     del state["config"]
     ck.save_checkpoint(state, tmp_path / "c.pt")
     assert ck.load_model(tmp_path / "c.pt").aerl_config == {}
+
+
+def test_a_legacy_torch_pickle_checkpoint_still_loads(tmp_path):
+    state, model = _state()
+    torch.save({"format": ck.FORMAT, **state}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(ck.load_model(tmp_path / "legacy.pt")(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_torch_advice_alone_is_never_relayed():
+    """Should torch's refusal ever hold nothing but its advice, the reason falls back to the error type."""
+    advice = pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
+                                    "`False` will likely succeed.\nDo it only if you got the file from a trusted source.")
+    assert ck._load_error(advice) == "UnpicklingError"
