@@ -17,7 +17,7 @@ import torch
 
 from aerl_fast import distributed as distmod
 from aerl_fast import kernels, rng_state, runtime
-from aerl_fast.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
+from aerl_fast.checkpoint import build_from_spec, check_weights_fit, load_checkpoint, save_checkpoint
 from aerl_fast.config import RunOptions, TrainConfig
 from aerl_fast.data.backends import make_loader
 from aerl_fast.distributed import DistContext
@@ -136,6 +136,7 @@ class Trainer:
         return st
 
     def _restore(self, st):
+        check_weights_fit(self.model, st["model"], self.run_dir / "last.pt")  # names the key and both shapes
         try:
             self.model.load_state_dict(st["model"])
             self.optimizer.load_state_dict(st["optimizer"])
