@@ -185,9 +185,9 @@ def test_aa_fast_sharded_over_two_processes_equals_one_process(tmp_path):
     one = subprocess.run([sys.executable, "-m", "aerl_fast.evaluate", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-                          "-m", "aerl_fast.evaluate", *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    from test_distributed import _env, _torchrun_cmd  # the project's way to launch torchrun in tests
+    two = subprocess.run(_torchrun_cmd("-m", "aerl_fast.evaluate", *common, "--out", str(tmp_path / "two")),
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=_env(), timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
 
     def rows(folder):

@@ -18,6 +18,7 @@ import torch
 from aerl_fast import distributed as distmod
 from aerl_fast import kernels, rng_state, runtime
 from aerl_fast.checkpoint import build_from_spec, check_weights_fit, load_checkpoint, save_checkpoint
+from aerl_fast.seeds import derived_seed
 from aerl_fast.config import RunOptions, TrainConfig
 from aerl_fast.data.backends import make_loader
 from aerl_fast.distributed import DistContext
@@ -163,12 +164,12 @@ class Trainer:
         elif dist.rank > 0:
             # saved by a job of another size: rank 0 continues the saved streams, the others start
             # streams derived from (seed, rank, epoch, step) — reproducible, not the lost ones
-            s = distmod.derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
+            s = derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
             torch.manual_seed(s)
-            self.explore_gen.manual_seed(distmod.derived_seed(s, rng_state.EXPLORE_OFFSET))
+            self.explore_gen.manual_seed(derived_seed(s, rng_state.EXPLORE_OFFSET))
             rng = None
         if rng is not None:
-            fresh = distmod.derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
+            fresh = derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
             for note in rng_state.restore(rng, self.explore_gen, self.device, fresh):
                 self.log(f"resume: {note}")
 
