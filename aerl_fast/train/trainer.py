@@ -8,7 +8,6 @@ evaluation counts are summed over the ranks, and only rank 0 writes files.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from aerl_fast.distributed import DistContext
 from aerl_fast.errors import CheckpointError, ConfigError, UserError
 from aerl_fast.objectives import train_step
 from aerl_fast.optim import build_optimizer
+from aerl_fast.progress import bar_factory as bar_factory_of
 
 from .data import accuracy, prepare_data
 from .rundir import RunLog, write_json
@@ -230,7 +230,7 @@ class Trainer:
         last_ckpt = time.monotonic()
         start = time.perf_counter()
         steps = len(self.loader)
-        bar = bar_factory(total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}")
+        bar = bar_factory(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.step)
         for x, y in self.loader.epoch(self.epoch, self.step):
             out = self.train_batch(x, y, adv_active)
             n = y.shape[0]
@@ -263,7 +263,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, dist = self.cfg, self.dist
         log = RunLog(self.run_dir) if dist.is_main else None
-        bar_factory = _bar_factory(self.options.progress and dist.is_main)
+        bar_factory = bar_factory_of(self.options.progress and dist.is_main, unit="batch")
         try:
             while self.epoch < cfg.epochs:
                 self._one_epoch(bar_factory, log)
@@ -357,11 +357,3 @@ class Trainer:
             summary["world_size"] = self.dist.world_size
         write_json(self.run_dir / "summary.json", summary)
         return summary
-
-
-def _bar_factory(enabled: bool):
-    from tqdm import tqdm
-
-    def make(**kw):
-        return tqdm(disable=None if enabled else True, leave=False, unit="batch", file=sys.stderr, dynamic_ncols=True, **kw)
-    return make
