@@ -14,10 +14,19 @@ import sys
 HEADROOM = 1 << 30  # bytes the cases may map beyond the imports; every bomb asks for 4 GiB or more
 
 
-def _vm_size() -> int:
+def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as fh:
-        line = next(ln for ln in fh if ln.startswith("VmSize:"))
+        line = next(ln for ln in fh if ln.startswith(key + ":"))
     return int(line.split()[1]) * 1024
+
+
+def _vm_size() -> int:
+    return _status_bytes("VmSize")
+
+
+def _peak_rss() -> int:
+    """This process's own peak: getrusage's ru_maxrss also counts the parent's peak from before exec."""
+    return _status_bytes("VmHWM")
 
 
 def _resolve(spec: str):
@@ -43,7 +52,7 @@ def main(path: str) -> None:
             funcs[case["call"]](*case.get("args", []), **case.get("kwargs", {}))
         except BaseException as exc:  # noqa: BLE001 - every outcome is reported, MemoryError included
             result.update(error=type(exc).__name__, user_error=isinstance(exc, UserError), message=str(exc))
-        result["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["maxrss"] = _peak_rss()
         print(json.dumps(result), flush=True)
 
 
