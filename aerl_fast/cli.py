@@ -12,7 +12,7 @@ from fractions import Fraction
 from typing import Callable, Dict, Iterable, Optional
 
 from aerl_fast.errors import UserError
-from aerl_fast.fields import _base_type, flag_of
+from aerl_fast.fields import base_type, flag_of
 
 
 def number(text: str) -> float:
@@ -64,7 +64,7 @@ def add_settings(parser: argparse.ArgumentParser, cls, *, groups: Optional[Dict[
         else:
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         text = f.metadata.get("help", "") + _default_text(f, default)
-        t, _ = _base_type(cls, f)
+        t, _ = base_type(cls, f)
         flag = flag_of(f)
         if t is bool:
             target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
@@ -90,7 +90,7 @@ def given(ns: argparse.Namespace, cls) -> dict:
         if f.name not in vars(ns):
             continue
         v = getattr(ns, f.name)
-        t, _ = _base_type(cls, f)
+        t, _ = base_type(cls, f)
         if typing.get_origin(t) in (tuple, list):
             (item,) = set(typing.get_args(t)) - {Ellipsis}
             conv = {int: integer, float: number}.get(item, str)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 
@@ -33,9 +32,6 @@ from aerl_fast.errors import ConfigError, UserError
 RANK_PRIME = 1_000_003  # rank r's dropout/exploration seeds are offset by r·RANK_PRIME
 
 
-def derived_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (the same mixing as the loader's counter-based seeds)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass

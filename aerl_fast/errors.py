@@ -12,3 +12,7 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError):
     pass
+
+
+class ModelError(UserError, ValueError):
+    """A model that cannot be built as asked (unknown name, a size out of bounds)."""

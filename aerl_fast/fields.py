@@ -37,7 +37,7 @@ def flag_of(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def _base_type(cls, f) -> tuple:
+def base_type(cls, f) -> tuple:
     """(python type, optional?) of a field, from its (string) annotation."""
     hints = typing.get_type_hints(cls)
     t = hints[f.name]
@@ -52,7 +52,7 @@ def _base_type(cls, f) -> tuple:
 def check_value(cls, f, value, label: str):
     """`value` converted to field `f`'s type and checked against its range/choices, or a ConfigError
     naming `label` (a flag such as --batch-size, or `key` in a file)."""
-    t, optional = _base_type(cls, f)
+    t, optional = base_type(cls, f)
     meta = f.metadata
     if value is None:
         if optional:

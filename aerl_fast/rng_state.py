@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from aerl_fast.distributed import RANK_PRIME, derived_seed
+from aerl_fast.distributed import RANK_PRIME
+from aerl_fast.seeds import derived_seed
 from aerl_fast.errors import CheckpointError
 
 EXPLORE_OFFSET = 7919  # the exploration stream's seed offset from the run's seed

@@ -192,14 +192,14 @@ def test_overhead_bare_step(benchmark, overhead_setup):
         if x.is_cuda:
             torch.cuda.synchronize()
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    record(benchmark, f"{OVERHEAD} {x.device.type}", f"bare forward+backward+AdamW ({STEPS} batches of "
+    record(benchmark, f"{OVERHEAD} {batches[0][0].device.type}", f"bare forward+backward+AdamW ({STEPS} batches of "
            f"{BATCH}, alicnn w0.5)", benchmark.stats.stats.min / STEPS, "step", baseline=True)
 
 
 def test_overhead_trainer_epoch(benchmark, overhead_setup):
-    from aerl_fast.train import _bar_factory
+    from aerl_fast.progress import bar_factory
     trainer = overhead_setup[0]
-    bars = _bar_factory(False)
+    bars = bar_factory(False, unit="batch")
 
     def run():
         trainer.step = 0

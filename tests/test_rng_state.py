@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aerl_fast import rng_state
-from aerl_fast.distributed import derived_seed
+from aerl_fast.seeds import derived_seed
 from aerl_fast.errors import CheckpointError
 
 CUDA = torch.device("cuda")  # a device object only: nothing here runs on it

@@ -168,3 +168,31 @@ def test_slurm_launcher_needs_a_partition_and_submitit(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit):
         reproduce.main(["--preset", preset, "--out", str(tmp_path / "o"), "--launcher", "submitit-local"])
     assert 'pip install "aerl_fast[cluster]"' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_aa_fast_sharded_over_two_processes_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m aerl_fast.evaluate --attack aa-fast`: each process attacks its
+    shard, rank 0 writes the report, and every sample's outcome (robust, the stage that broke it, its
+    passes) equals the single-process run's."""
+    import csv
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    train.run(TrainConfig(**TINY, objective="sl"), RunOptions(out=str(run), progress=False, device="cpu"))
+    common = [str(run), "--attack", "aa-fast", "--eps", "0.5", "--aa-steps", "5", "--aa-queries", "40", "--n-test",
+              "40", "--batch-size", "16", "--device", "cpu", "--no-progress", "--no-masking"]
+    one = subprocess.run([sys.executable, "-m", "aerl_fast.evaluate", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert one.returncode == 0, one.stderr
+    from test_distributed import _env, _torchrun_cmd  # the project's way to launch torchrun in tests
+    two = subprocess.run(_torchrun_cmd("-m", "aerl_fast.evaluate", *common, "--out", str(tmp_path / "two")),
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=_env(), timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def rows(folder):
+        with open(folder / "per_sample" / "run.csv") as f:
+            return list(csv.DictReader(f))
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert len(a) == 40 and a == b
+    assert any(r["aa-fast-l2@0.5_broken_by"] for r in a)  # something broke: the comparison has content

@@ -41,9 +41,13 @@ def to_uint8_hwc(x, where: str) -> np.ndarray:
     if x.dtype == np.uint8:
         out = x
     elif np.issubdtype(x.dtype, np.floating):
-        if x.size and (np.nanmin(x) < 0.0 or np.nanmax(x) > 1.0 or np.isnan(x).any()):
+        nan = np.isnan(x)
+        if nan.any():
+            raise DatasetError(f"{where}: float images hold {int(nan.sum())} NaN value(s) (first in image "
+                               f"{int(np.argmax(nan.reshape(len(x), -1).any(1)))}); they must lie in [0, 1]")
+        if x.size and (x.min() < 0.0 or x.max() > 1.0):
             raise DatasetError(f"{where}: float images must lie in [0, 1], got range "
-                               f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+                               f"[{x.min():.3g}, {x.max():.3g}]")
         out = np.round(x * 255.0).astype(np.uint8)
     elif np.issubdtype(x.dtype, np.integer):
         if x.size and (x.min() < 0 or x.max() > 255):
@@ -54,20 +58,3 @@ def to_uint8_hwc(x, where: str) -> np.ndarray:
     if out.shape[-1] == 1:
         out = np.repeat(out, 3, axis=-1)
     return np.ascontiguousarray(out)
-
-
-def check_labels(labels, num_classes: int, where: str) -> np.ndarray:
-    """int64 labels in [0, num_classes), or a DatasetError naming the bad value."""
-    y = np.asarray(labels)
-    if y.ndim != 1:
-        raise DatasetError(f"{where}: labels must be 1-D, got shape {y.shape}")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise DatasetError(f"{where}: labels must be integers, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-        bad = int(y.min()) if y.min() < 0 else int(y.max())
-        raise DatasetError(f"{where}: label {bad} out of range for {num_classes} classes")
-    return y

@@ -18,7 +18,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .base import DatasetError, ImageSet, check_labels, check_split
+from aerl_fast.limits import DEFLATE_MAX_RATIO, format_bytes, require_memory
+
+from .base import DatasetError, ImageSet, check_split
+from .labels import check_labels
 from .safe_pickle import UnsafePickleError, loads_dataset_pickle
 
 SPECS = {
@@ -46,8 +49,13 @@ def _str_keys(d, where):
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
-def _decode(names):
-    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+def _decode(names, where):
+    if not (isinstance(names, list) and all(isinstance(n, (bytes, str)) for n in names)):
+        raise DatasetError(f"{where}: class names must be a list of strings, got {type(names).__name__}")
+    try:
+        return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{where}: class names are not UTF-8 ({exc})") from None
 
 
 class _Source:
@@ -75,39 +83,74 @@ class _Source:
         return str(self.folder or self.archive)
 
     def read_all(self, names) -> Dict[str, Optional[bytes]]:
+        """The bytes of each named member (None when absent), each size checked before it is read."""
         if self.folder is not None:
-            return {n: (self.folder / n).read_bytes() if (self.folder / n).exists() else None for n in names}
+            return {n: self._read_file(self.folder / n) for n in names}
         wanted = {f"{self.spec['folder']}/{n}": n for n in names}
         out = {n: None for n in names}
+        # a gzip stream inflates at most ~1000-fold: a member declaring more is lying
+        most = DEFLATE_MAX_RATIO * self.archive.stat().st_size
         try:
             with tarfile.open(self.archive, "r:gz") as tar:
                 for member in tar:
                     if member.name in wanted and member.isfile():
-                        out[wanted[member.name]] = tar.extractfile(member).read()
+                        where = f"{self.archive}:{member.name}"
+                        if member.size > most:
+                            raise DatasetError(f"{where}: declares {member.size} bytes, more than the "
+                                               f"archive's {self.archive.stat().st_size} bytes can inflate to")
+                        require_memory(member.size, where, DatasetError)
+                        out[wanted.pop(member.name)] = tar.extractfile(member).read()
+                        if not wanted:
+                            break
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise DatasetError(f"{self.archive}: corrupt or truncated archive ({exc})") from None
         return out
 
+    @staticmethod
+    def _read_file(path: Path) -> Optional[bytes]:
+        """A member of the extracted folder: a regular file (not a device, a FIFO or a folder) whose
+        size fits in memory, or None when there is nothing of that name."""
+        if not os.path.lexists(path):
+            return None
+        if not path.is_file():
+            raise DatasetError(f"{path}: not a regular file")
+        try:
+            size = path.stat().st_size
+            require_memory(size, f"{path} ({format_bytes(size)})", DatasetError)
+            with open(path, "rb") as fh:
+                return fh.read(size)  # no more than stat said: a device or growing file cannot run on
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
-def _load_batch(raw: bytes, where: str, label_key: str):
+
+def _unpickle(raw: bytes, where: str) -> dict:
+    """A batch or meta file through the restricted unpickler, as a dict with str keys."""
     try:
-        d = _str_keys(loads_dataset_pickle(raw, encoding="bytes"), where)
+        return _str_keys(loads_dataset_pickle(raw, encoding="bytes"), where)
     except UnsafePickleError as exc:
         raise DatasetError(f"{where}: {exc}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
-        raise DatasetError(f"{where}: corrupt or truncated batch file ({type(exc).__name__}: {exc})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            RecursionError) as exc:
+        raise DatasetError(f"{where}: corrupt or truncated file ({type(exc).__name__}: {exc})") from None
+
+
+def _load_batch(raw: bytes, where: str, label_key: str, num_classes: int):
+    d = _unpickle(raw, where)
     for key in ("data", label_key):
         if key not in d:
-            raise DatasetError(f"{where}: missing key '{key}' (has {sorted(d)})")
+            raise DatasetError(f"{where}: missing key '{key}' (has {sorted(map(str, d))})")
     data = d["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
         raise DatasetError(f"{where}: 'data' must be uint8 [N, 3072], got {getattr(data, 'dtype', type(data))} {shape}")
-    labels = np.asarray(d[label_key])
+    try:
+        labels = np.asarray(d[label_key])
+    except (ValueError, TypeError) as exc:  # ragged or foreign objects
+        raise DatasetError(f"{where}: '{label_key}' is not a list of integers ({exc})") from None
     if labels.shape != (data.shape[0],):
         raise DatasetError(f"{where}: {data.shape[0]} images but {labels.shape} '{label_key}'")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, labels
+    return images, check_labels(labels, num_classes, f"{where}['{label_key}']")
 
 
 def download(name: str, data_dir: Path) -> Path:
@@ -164,20 +207,16 @@ def load_cifar(name: str, data_dir, split: str = "train", labels: str = "fine",
               f"using {', '.join(present)} only", file=sys.stderr)
     images, ys = [], []
     for m in present:
-        x, y = _load_batch(raw[m], f"{source.where}/{m}", spec["label_key"])
+        x, y = _load_batch(raw[m], f"{source.where}/{m}", spec["label_key"], spec["num_classes"])
         images.append(x)
         ys.append(y)
     classes = [str(i) for i in range(spec["num_classes"])]
     if raw[spec["meta"]] is not None:
         meta_where = f"{source.where}/{spec['meta']}"
-        try:
-            meta = _str_keys(loads_dataset_pickle(raw[spec["meta"]], encoding="bytes"), meta_where)
-        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-            raise DatasetError(f"{meta_where}: corrupt meta file ({exc})") from None
+        meta = _unpickle(raw[spec["meta"]], meta_where)
         if spec["names_key"] in meta:
-            classes = _decode(meta[spec["names_key"]])
+            classes = _decode(meta[spec["names_key"]], f"{meta_where}[{spec['names_key']}]")
     if len(classes) != spec["num_classes"]:
         raise DatasetError(f"{source.where}: meta lists {len(classes)} classes, expected {spec['num_classes']}")
     images = np.ascontiguousarray(np.concatenate(images))
-    y = check_labels(np.concatenate(ys), spec["num_classes"], source.where)
-    return ImageSet(images, y, classes)
+    return ImageSet(images, np.concatenate(ys), classes)

@@ -29,7 +29,8 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from aerl_fast.data.loader import Augment, EpochOrder, _seed, draw_augment
+from aerl_fast.data.loader import Augment, EpochOrder, draw_augment
+from aerl_fast.seeds import derived_seed
 
 
 def dali_wheel() -> str:
@@ -161,7 +162,7 @@ class DaliLoader(EpochOrder):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             if not (self.augment is not None and self.augment.active):
                 return self.images[idx], self.labels[idx]
-            self._aug_gen.manual_seed(_seed(self.seed, epoch, step, 1))
+            self._aug_gen.manual_seed(derived_seed(self.seed, epoch, step, 1))
             vf, hf, ty, tx = augment_params(self.augment, len(idx), h, w, self._aug_gen)
             anchor = np.stack([-ty, -tx], axis=1).astype(np.int32)  # out[r, c] = flipped[r - ty, c - tx]
             return self.images[idx], self.labels[idx], vf, hf, anchor

@@ -2,7 +2,9 @@
 
 Images are decoded once, resized (shorter side to `size`, bilinear, antialiased when shrinking) and
 centre-cropped to `size`×`size` RGB, then cached beside the tree as an .npz when the folder is
-writable, so later runs start instantly.  Two decoders give the same uint8 [N,size,size,3] array:
+writable, so later runs start instantly (`folder_cache`: keyed on every file's name, size and
+times, rebuilt when they change).  An image whose header claims more than MAX_IMAGE_PIXELS is
+refused before decoding.  Two decoders give the same uint8 [N,size,size,3] array:
 
 - `pil`: Pillow in a thread pool, one image per task.
 - `dali`: an NVIDIA DALI pipeline (`pip install "aerl_fast[dali]"`) fed the encoded file bytes in
@@ -35,16 +37,13 @@ A file neither decoder can read is a DatasetError naming it ("<path>: cannot dec
 DALI fails a whole batch, so a failed batch is decoded again one file at a time to find the file;
 a file only DALI rejects (some format variant nvImageCodec does not handle) is decoded with Pillow
 instead and named on stderr, and 8 such files in a row mean DALI itself is failing: an error.  The
-cache is written only after every image is decoded, to a uniquely named temporary file renamed into
-place, so an interrupted or concurrent run (torchrun processes) never leaves a half-written cache.
+cache is written only after every image is decoded.
 """
 from __future__ import annotations
 
 import io
 import os
 import sys
-import uuid
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -52,8 +51,10 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from aerl_fast.errors import ConfigError
+from aerl_fast.limits import MAX_CLASSES, MAX_IMAGE_PIXELS
 
 from .base import DatasetError, ImageSet, check_split
+from .folder_cache import cache_path, fingerprint, read_cache, write_cache
 
 DECODERS = ("auto", "pil", "dali")  # --decoder
 EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
@@ -74,18 +75,27 @@ def _cannot_decode(path, exc) -> DatasetError:
     return DatasetError(f"{path}: cannot decode image ({exc})")
 
 
+def _check_pixels(path, w: int, h: int):
+    """Refuse, before decoding, an image whose header claims more pixels than any photo here has
+    (a few-KB PNG can claim 30000×30000: 2.7 GB decoded)."""
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"{path}: header claims {w}×{h} = {w * h} pixels, more than the "
+                           f"{MAX_IMAGE_PIXELS} an image may have; refused before decoding")
+
+
 # ------------------------------------------------------------------------------------------ PIL
 
 def _decode(path: Path, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            _check_pixels(path, *im.size)
             im = im.convert("RGB")
             im = im.resize(_resized_size(*im.size, size), Image.BILINEAR)
             w, h = im.size
             left, top = (w - size) // 2, (h - size) // 2
             return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _cannot_decode(path, exc) from None
 
 
@@ -116,8 +126,9 @@ def _read_encoded(paths: Sequence[Path], size: int):
                 w, h = im.size
         except UnidentifiedImageError:
             raise _cannot_decode(p, "not an image file Pillow can identify") from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise _cannot_decode(p, exc) from None
+        _check_pixels(p, w, h)
         rw, rh = _resized_size(w, h, size)
         encoded.append(data)
         hw.append(np.array([rh, rw], np.float32))
@@ -308,30 +319,13 @@ def _class_dirs(split_dir: Path):
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir())
 
 
-def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray, decoder: str):
-    """Atomically: a uniquely named temporary file in the same folder, fsynced, then renamed over `path`
-    (concurrent writers, e.g. torchrun processes, each write their own temporary file)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            np.savez(fh, images=images, labels=labels, decoder=np.array(decoder))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # read-only dataset folder: no cache, no harm
-
-
-def _read_cache(path: Path, labels: np.ndarray, size: int):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images, cached = z["images"], z["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # a stale or broken cache is rebuilt
-    if images.shape != (len(labels), size, size, 3) or images.dtype != np.uint8 \
-            or not np.array_equal(cached, labels):
-        return None
-    return images
+def _warn_empty_classes(split_dir: Path, classes, labels: np.ndarray):
+    """A training class folder without images still becomes a class the model can never learn."""
+    empty = [classes[c] for c in np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)]
+    if empty:
+        print(f"aerl_fast: warning: {split_dir}: class folder(s) {', '.join(empty[:5])}"
+              f"{' ...' if len(empty) > 5 else ''} hold no images; the model still gets "
+              f"{len(classes)} classes", file=sys.stderr)
 
 
 def load_image_folder(root, split: str = "train", size: int = 32, cache: bool = True, *,
@@ -354,6 +348,9 @@ def load_image_folder(root, split: str = "train", size: int = 32, cache: bool = 
     classes = _class_dirs(root / "train") if (root / "train").is_dir() else _class_dirs(split_dir)
     if not classes:
         raise DatasetError(f"{split_dir}: no class folders")
+    if len(classes) > MAX_CLASSES:
+        raise DatasetError(f"{split_dir.parent / 'train'}: {len(classes)} class folders, more than the "
+                           f"{MAX_CLASSES} a dataset may have")
     split_classes = _class_dirs(split_dir)
     unknown = sorted(set(split_classes) - set(classes))
     if unknown:
@@ -364,16 +361,19 @@ def load_image_folder(root, split: str = "train", size: int = 32, cache: bool = 
         if not d.is_dir():
             continue
         for f in sorted(d.iterdir()):
-            if f.suffix.lower() in EXTENSIONS:
+            if f.suffix.lower() in EXTENSIONS and f.is_file():  # not a FIFO, device or folder
                 files.append(f)
                 labels.append(label)
     if not files:
         raise DatasetError(f"{split_dir}: no images ({', '.join(sorted(EXTENSIONS))})")
     y = np.asarray(labels, np.int64)
+    if split == "train":
+        _warn_empty_classes(split_dir, classes, y)
     # the name does not depend on the decoder: both give the same geometry and pixels up to rounding
-    cache_path = root / f".aerl_fast_{split_dir.name}_{size}px_{len(files)}.npz"
-    if cache and cache_path.is_file():
-        images = _read_cache(cache_path, y, size)
+    cached_at = cache_path(root, split_dir.name, size)
+    key = fingerprint(root, files, y, size) if cache else ""
+    if cache:
+        images = read_cache(cached_at, key, y, size)
         if images is not None:
             return ImageSet(images, y, classes)
     choice = choose_decoder(decoder, device)
@@ -384,5 +384,5 @@ def load_image_folder(root, split: str = "train", size: int = 32, cache: bool = 
     else:
         images = _decode_pil(files, size, threads, desc)
     if cache:  # only now: every image decoded
-        _write_cache(cache_path, images, y, choice.label)
+        write_cache(cached_at, images, y, key, choice.label)
     return ImageSet(images, y, classes)

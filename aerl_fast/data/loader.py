@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aerl_fast.seeds import derived_seed
+
 PAD_MODES = ("zeros", "reflect", "replicate")
 
 
@@ -47,8 +49,6 @@ class Augment:
         return int(math.floor(self.translate * h)), int(math.floor(self.translate * w))
 
 
-def _seed(*keys: int) -> int:
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def draw_augment(b: int, h: int, w: int, aug: Augment, generator: torch.Generator, device=None):
@@ -128,7 +128,7 @@ class EpochOrder:
         n = self.images.shape[0]
         if not self.shuffle:
             return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)))
 
     def order(self, epoch: int) -> torch.Tensor:
         """host_order on the training device (one copy per epoch, no host sync)."""
@@ -170,7 +170,7 @@ class DeviceLoader(EpochOrder):
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             if self.augment is not None and self.augment.active:
-                self._gen.manual_seed(_seed(self.seed, epoch, step, 1))
+                self._gen.manual_seed(derived_seed(self.seed, epoch, step, 1))
                 if self.fused is not None:
                     h, w = self.images.shape[2:]
                     x = self.fused(self.images, idx, *draw_augment(len(idx), h, w, self.augment, self._gen))

@@ -3,24 +3,33 @@ from __future__ import annotations
 
 import numpy as np
 
+from aerl_fast.errors import ConfigError
+
+
+def val_count(val_frac: float, n: int) -> int:
+    """Samples a class of `n` gives to validation: Python's round() of the float product val_frac · n
+    (halves to even: 0.1 · 25 = 2.5 gives 2, 0.1 · 35 = 3.5000000000000004 gives 4), at least 1 when
+    val_frac > 0 and the class has two or more samples.  Kept exactly so: every existing run's split
+    (and so its resume to identical weights) depends on it."""
+    k = int(round(val_frac * n))
+    return 1 if (k == 0 and val_frac > 0 and n > 1) else k
+
 
 def stratified_split(labels, val_frac: float = 0.1, seed: int = 42):
-    """Indices (train, val): each class contributes round(val_frac · n_class) samples to val.
+    """Indices (train, val): each class contributes val_count(val_frac, n_class) samples to val.
 
     Deterministic for a given seed and label vector; both index arrays are sorted so the split does
     not depend on the order classes are visited in.
     """
-    if not 0.0 <= val_frac < 1.0:
-        raise ValueError(f"val_frac must be in [0, 1), got {val_frac}")
+    if not 0.0 <= val_frac < 1.0:  # NaN fails too
+        raise ConfigError(f"val_frac must be in [0, 1), got {val_frac}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    train, val = [], []
+    train, val = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for cls in np.unique(labels):
         idx = np.flatnonzero(labels == cls)
         rng.shuffle(idx)
-        n_val = int(round(val_frac * len(idx)))
-        if val_frac > 0 and n_val == 0 and len(idx) > 1:
-            n_val = 1
+        n_val = val_count(val_frac, len(idx))
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

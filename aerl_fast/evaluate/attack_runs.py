@@ -85,7 +85,7 @@ def run_aa_fast(model, x, y, clean_ok, norm: str, eps_list: List[float], config:
     from aerl_fast.attacks import autoattack_fast, autoattack_fast_sharded  # noqa: PLC0415
 
     kw = dict(norm=norm, seed=config.seed, stages=config.aa_stages, budget=config.aa_budget, steps=config.aa_steps,
-              queries=config.aa_queries, batch_size=config.batch_size, amp=amp, clamp=config.clamp, return_adv=False)
+              queries=config.aa_queries, batch_size=config.batch_size, amp=amp, clamp=config.clamp)
     t0 = time.perf_counter()
     rows, per_attack, stages, broken_by, fw, bw, disagreements = [], [], [], [], [], [], 0
     for eps in eps_list:
@@ -95,7 +95,7 @@ def run_aa_fast(model, x, y, clean_ok, norm: str, eps_list: List[float], config:
             if res is None:
                 continue
         else:
-            res = autoattack_fast(model, x, y, eps=eps, **kw)
+            res = autoattack_fast(model, x, y, eps=eps, return_adv=False, **kw)
         robust = res.robust.cpu() & clean_ok.cpu()
         rows.append(robust)
         left, after = int(res.clean.sum()), {}

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> Parsed:
+    """argv -> typed settings; a bad value exits like argparse does (status 2, one 'error:' line)."""
+    return run_cli(_parse, argv)
+
+
+def _parse(argv) -> Parsed:
     ns = build_parser().parse_args(argv)
     values = given(ns, EvalConfig)
     if "attacks" in values:

@@ -225,13 +225,15 @@ def _stages_markdown(results: EvalResults) -> List[str]:
             for eps, stages in zip(o.eps, o.stages or []):
                 for st in stages:
                     rows.append(f"| {m.name} | {label} | {eps:g} | {st['name']} | {st['attacked']} | {st['broken']} | "
-                                f"{st['forwards']} | {st['backwards']} | {st['seconds']:.1f} |")
+                                f"{st['forwards']} | {st['backwards']} | {st.get('calls', 'n/a')} | {st['seconds']:.1f} |")
     if not rows:
         return []
     amp = [f"{m.name}: {o.disagreements}" for m in results.models for o in m.attacks.values() if o.disagreements]
     return (["## aa-fast: where the passes go", "",
-             "| model | attack | eps | stage | attacked | broken | forwards | backwards | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"] + rows
+             "Forwards and backwards count images through the model; model calls are the batched calls, the "
+             "sequential steps a GPU waits on.", "",
+             "| model | attack | eps | stage | attacked | broken | forwards | backwards | model calls | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"] + rows
             + ([""] + [f"bf16 breaks the fp32 re-check overturned: {', '.join(amp)}"] if amp else []) + [""])
 
 

@@ -1,7 +1,6 @@
 """The evaluation stage: `run(models, data, config, options) -> EvalResults`, writing no files."""
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 from typing import Dict, Optional, Sequence
@@ -10,6 +9,7 @@ import torch
 
 from aerl_fast import runtime
 from aerl_fast.errors import UserError
+from aerl_fast.progress import bar_factory
 
 from . import analyses
 from .attack_runs import run_aa_fast, run_autoattack, run_gradient_attack
@@ -69,7 +69,7 @@ def run(models: Sequence, data=None, config: Optional[EvalConfig] = None, option
         t_eps = config.transfer_eps if config.transfer_eps is not None else max(config.radii(t_attack))
         if t_attack != "fgsm" and config.step is not None and 0 < t_eps < config.step:
             raise UserError(f"--step {config.step:g} > --transfer-eps {t_eps:g}")
-    make_bar = _bar_factory(options.progress)
+    make_bar = bar_factory(options.progress, unit="img")
 
     t_start = time.perf_counter()
     results, adversarials = [], {}
@@ -232,13 +232,3 @@ def _attack_model(e: ModelEntry, ts: TestSet, config: EvalConfig, t_attack, t_ep
                 log(f"  warning {e.name}: FGSM leaves {single.acc_at(eps):.1%} at eps {eps:g} where PGD leaves "
                     f"{multi.acc_at(eps):.1%}: a single step beats the iterative attack (masking or a weak PGD)")
     return r
-
-
-def _bar_factory(enabled: bool):
-    from tqdm import tqdm  # noqa: PLC0415
-
-    def make(total, desc):
-        return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr, disable=not enabled,
-                    dynamic_ncols=True)
-    return make
-

@@ -6,6 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from aerl_fast.errors import ModelError
+
 
 class Upscaled(nn.Module):
     def __init__(self, net: nn.Module, size: int = 224):
@@ -21,11 +23,11 @@ class Upscaled(nn.Module):
 
 def resnet50(num_classes: int = 10, width: float = 1.0, image_size: int = 32):
     if width != 1.0:
-        raise ValueError("resnet50 has no width multiplier; use --width 1.0")
+        raise ModelError(f"resnet50 has no width multiplier; use --width 1.0 (got {width})")
     return Upscaled(torchvision.models.resnet50(weights=None, num_classes=num_classes))
 
 
 def densenet121(num_classes: int = 10, width: float = 1.0, image_size: int = 32):
     if width != 1.0:
-        raise ValueError("densenet121 has no width multiplier; use --width 1.0")
+        raise ModelError(f"densenet121 has no width multiplier; use --width 1.0 (got {width})")
     return Upscaled(torchvision.models.densenet121(weights=None, num_classes=num_classes))

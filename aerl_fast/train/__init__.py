@@ -21,7 +21,7 @@ from aerl_fast.optim import lr_factor
 from .cli import main
 from .data import accuracy, prepare_data
 from .stage import RunSummary, resume, run
-from .trainer import DivergedError, Trainer, _bar_factory
+from .trainer import DivergedError, Trainer
 
 __all__ = ["DivergedError", "RunSummary", "Trainer", "accuracy", "lr_factor", "main", "prepare_data",
            "resume", "run"]

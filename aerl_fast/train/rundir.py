@@ -15,7 +15,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from aerl_fast.config import (OPTION_KEYS, RunOptions, TrainConfig, config_from_json, read_json)
+from aerl_fast.checkpoint import remove_stale_temp_files
+from aerl_fast.config import OPTION_KEYS, RunOptions, TrainConfig, config_from_json, read_json
 from aerl_fast.errors import CheckpointError, ConfigError
 from aerl_fast.fields import flag_of, from_mapping
 
@@ -30,12 +31,15 @@ def write_json(path: Path, obj):
 
 
 def remove_stale_temp(run_dir: Path) -> int:
-    """Delete temporary files a killed write left behind (checkpoint or JSON); returns how many."""
-    n = 0
-    for p in list(run_dir.glob("*.tmp")) + list(run_dir.glob(".*.tmp")):
+    """Delete the temporary files a killed write left behind: save_checkpoint's (the checkpoint
+    module knows their names) and write_json's; returns how many.  Only while no other process
+    writes into the folder (a new run or a resume)."""
+    stale = remove_stale_temp_files(run_dir)
+    jsons = [p for p in run_dir.glob(".*.json.*.tmp") if p.is_file() and not p.is_symlink()]
+    jsons += [p for p in run_dir.glob(".log.jsonl.*.tmp") if p.is_file() and not p.is_symlink()]
+    for p in jsons:
         p.unlink(missing_ok=True)
-        n += 1
-    return n
+    return len(stale) + len(jsons)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:

@@ -8,7 +8,6 @@ evaluation counts are summed over the ranks, and only rank 0 writes files.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -17,13 +16,15 @@ import torch
 
 from aerl_fast import distributed as distmod
 from aerl_fast import kernels, rng_state, runtime
-from aerl_fast.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
+from aerl_fast.checkpoint import build_from_spec, check_weights_fit, load_checkpoint, save_checkpoint
+from aerl_fast.seeds import derived_seed
 from aerl_fast.config import RunOptions, TrainConfig
 from aerl_fast.data.backends import make_loader
 from aerl_fast.distributed import DistContext
 from aerl_fast.errors import CheckpointError, ConfigError, UserError
 from aerl_fast.objectives import train_step
 from aerl_fast.optim import build_optimizer
+from aerl_fast.progress import bar_factory as bar_factory_of
 
 from .data import accuracy, prepare_data
 from .rundir import RunLog, write_json
@@ -136,6 +137,7 @@ class Trainer:
         return st
 
     def _restore(self, st):
+        check_weights_fit(self.model, st["model"], self.run_dir / "last.pt")  # names the key and both shapes
         try:
             self.model.load_state_dict(st["model"])
             self.optimizer.load_state_dict(st["optimizer"])
@@ -162,12 +164,12 @@ class Trainer:
         elif dist.rank > 0:
             # saved by a job of another size: rank 0 continues the saved streams, the others start
             # streams derived from (seed, rank, epoch, step) — reproducible, not the lost ones
-            s = distmod.derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
+            s = derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
             torch.manual_seed(s)
-            self.explore_gen.manual_seed(distmod.derived_seed(s, rng_state.EXPLORE_OFFSET))
+            self.explore_gen.manual_seed(derived_seed(s, rng_state.EXPLORE_OFFSET))
             rng = None
         if rng is not None:
-            fresh = distmod.derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
+            fresh = derived_seed(self.cfg.seed, dist.rank, self.epoch, self.step)
             for note in rng_state.restore(rng, self.explore_gen, self.device, fresh):
                 self.log(f"resume: {note}")
 
@@ -228,7 +230,7 @@ class Trainer:
         last_ckpt = time.monotonic()
         start = time.perf_counter()
         steps = len(self.loader)
-        bar = bar_factory(total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}")
+        bar = bar_factory(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.step)
         for x, y in self.loader.epoch(self.epoch, self.step):
             out = self.train_batch(x, y, adv_active)
             n = y.shape[0]
@@ -261,7 +263,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, dist = self.cfg, self.dist
         log = RunLog(self.run_dir) if dist.is_main else None
-        bar_factory = _bar_factory(self.options.progress and dist.is_main)
+        bar_factory = bar_factory_of(self.options.progress and dist.is_main, unit="batch")
         try:
             while self.epoch < cfg.epochs:
                 self._one_epoch(bar_factory, log)
@@ -355,11 +357,3 @@ class Trainer:
             summary["world_size"] = self.dist.world_size
         write_json(self.run_dir / "summary.json", summary)
         return summary
-
-
-def _bar_factory(enabled: bool):
-    from tqdm import tqdm
-
-    def make(**kw):
-        return tqdm(disable=None if enabled else True, leave=False, unit="batch", file=sys.stderr, dynamic_ncols=True, **kw)
-    return make

@@ -89,7 +89,8 @@ def _pg_case(B, C, device, dtype, gen_seed):
 
 
 def check_pg_loss_tiles(device, small):
-    from aerl_fast.kernels.pg_loss import MAX_BLOCK_C, eps_greedy_pg_loss_fused
+    from aerl_fast.kernels.pg_loss import eps_greedy_pg_loss_fused
+    from aerl_fast.kernels.pg_loss_triton import MAX_BLOCK_C
     B, C = (6, 40) if small else (8192, 32768)
     logits, labels, actions = _pg_case(B, C, device, torch.bfloat16, 1)
     x = logits.clone().requires_grad_(True)

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(r"""
         print("RESULT" + json.dumps({"toolchain": repr(exc)[:300]}))
         sys.exit(0)
 
-    import aerl_fast.kernels.pg_loss as P
+    import aerl_fast.kernels.pg_loss_triton as P
     import aerl_fast.kernels.pgd_update as PM
     assert not P.INTERPRETED
     built = []

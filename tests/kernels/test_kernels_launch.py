@@ -11,6 +11,7 @@ import torch
 import aerl_fast.kernels as K
 from aerl_fast.kernels import eps_greedy_pg_loss, pgd_step
 from aerl_fast.kernels import pg_loss as P
+from aerl_fast.kernels import pg_loss_triton as T
 from aerl_fast.kernels import pgd_update as PM
 from aerl_fast.kernels.device import launch_device
 from kernel_refs import pg_loss_f64
@@ -188,9 +189,9 @@ def test_every_launch_helper_launches_under_its_tensors_device(monkeypatch, gen)
         def __exit__(self, *exc):
             active.pop()
 
-    for mod in (P, PM):
+    for mod in (T, PM):
         monkeypatch.setattr(mod, "launch_device", Recording)
-    for mod, name in ((P, "_pg_fwd_kernel"), (P, "_pg_bwd_kernel"), (PM, "_pgd_linf_kernel"),
+    for mod, name in ((T, "_pg_fwd_kernel"), (T, "_pg_bwd_kernel"), (PM, "_pgd_linf_kernel"),
                       (PM, "_pgd_l2_kernel")):
         monkeypatch.setattr(mod, name, GuardedKernel(getattr(mod, name), active, launches))
     logits, labels, actions = _case(gen)

@@ -13,6 +13,7 @@ from scipy import stats
 import aerl_fast.kernels as K
 from aerl_fast.kernels import PGLoss, backend, eps_greedy_pg_loss
 from aerl_fast.kernels import pg_loss as P
+from aerl_fast.kernels import pg_loss_triton as T
 from kernel_refs import pg_grad_closed_form, pg_loss_f64, study_loss_given_actions
 
 needs_triton = pytest.mark.skipif(
@@ -56,7 +57,7 @@ SHAPES = [(B, C) for B in (1, 7, 256) for C in (2, 10, 100, 1000)] + [(1, 5000),
 @pytest.mark.parametrize("B,C", SHAPES)
 def test_sampled_forward_and_grad_match_f64(gen, B, C):
     """Kernel-sampled actions; loss, logπ, rewards and ∂/∂logits equal the float64 formula."""
-    assert C == 5000 or C <= P.MAX_BLOCK_C  # 5000: non-power-of-two above one tile
+    assert C == 5000 or C <= T.MAX_BLOCK_C  # 5000: non-power-of-two above one tile
     logits, labels = make_inputs(gen, B, C)
     out, grad = run_fused(logits, labels, seed=B * 7919 + C)
     assert isinstance(out, PGLoss)
@@ -295,7 +296,7 @@ def test_bad_options_raise(no_launch):
     with pytest.raises(ValueError, match="action is out of range"):
         eps_greedy_pg_loss(x, y, 0.1, actions=torch.tensor([0, 1, 12]))
     with pytest.raises(ValueError, match="power of two"):
-        P._pg_launch_config(3, 10, block_c=24)
+        T._pg_launch_config(3, 10, block_c=24)
 
 
 def test_validate_false_skips_range_checks_safely(gen):
