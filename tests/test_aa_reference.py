@@ -16,6 +16,7 @@ from eval_fixtures import TRAIN_N, cpu_eval_env, tiny_runs  # noqa: F401 - fixtu
 pytestmark = [pytest.mark.usefixtures("cpu_eval_env"), pytest.mark.slow,
               pytest.mark.skipif(not autoattack_available(), reason="pyautoattack not installed")]
 N, EPS, NORM = 32, 0.5, "l2"
+QUERIES = 1000  # Square's budget on both sides (5000 in the standard version): the comparison stays like for like
 TOLERANCE = 0.005   # 0.5 points of robust accuracy
 
 
@@ -23,14 +24,15 @@ TOLERANCE = 0.005   # 0.5 points of robust accuracy
 def reference(request, tiny_runs):  # noqa: F811
     model = aerl_fast.load_model(tiny_runs.dirs[request.param])
     x, y = tiny_runs.x[TRAIN_N:TRAIN_N + N].clone(), tiny_runs.y[TRAIN_N:TRAIN_N + N].clone()
-    ref = autoattack(model, x, y, eps=EPS, norm=NORM, version="custom", attacks=["apgd-ce", "apgd-t", "square"])
+    ref = autoattack(model, x, y, eps=EPS, norm=NORM, version="custom", attacks=["apgd-ce", "apgd-t", "square"],
+                     square_queries=QUERIES)
     return request.param, model, x, y, ref
 
 
 @pytest.mark.parametrize("budget", ["fast", "full"])
 def test_not_weaker_than_pyautoattack_sample_by_sample(reference, budget):
     kind, model, x, y, ref = reference
-    ours = autoattack_fast(model, x, y, eps=EPS, norm=NORM, budget=budget)
+    ours = autoattack_fast(model, x, y, eps=EPS, norm=NORM, budget=budget, queries=QUERIES)
     theirs_acc = float(ref.robust.double().mean())
     missed = (ours.robust & ~ref.robust).nonzero().squeeze(1)
     listing = ", ".join(f"#{TRAIN_N + int(i)} (label {int(y[i])})" for i in missed)

@@ -33,17 +33,7 @@ def _all_finite(path):
 def test_divergence_stops_with_a_message_and_no_nonfinite_checkpoint(objective, tmp_path):
     """A learning rate of 1e6 diverges within the first epoch; with --no-progress and a mid-epoch
     checkpoint timer (the batch-job setting) no NaN weights may reach last.pt, the message names the
-    step and the way out, and the run resumes with a lower --lr."""
-    out = tmp_path / "run"
-    # epoch 1 at a sane rate: a good checkpoint exists
-    train.run(TrainConfig(**TINY, objective=objective, epochs=1, lr=1e-3), RunOptions(out=str(out), progress=False))
-    good = torch.load(out / "last.pt", weights_only=True)["model"]
-    code, _, err = _cli(["aerl_fast.train", "--resume", str(out), "--epochs", "3", "--no-progress",
-                         "--checkpoint-minutes", "1e-9"], cwd=tmp_path)
-    assert code == 0  # same lr: trains on
-    # now the same run at an absurd rate: raising it is refused, a new run at that rate diverges
-    code, _, err = _cli(["aerl_fast.train", "--resume", str(out), "--epochs", "4", "--lr", "1e6", "--no-progress"])
-    assert code == 2 and "may only be lowered" in err and "Traceback" not in err
+    step and the way out, and a kept checkpoint resumes with a lower --lr."""
     bad = tmp_path / "bad"
     code, _, err = _cli(["aerl_fast.train", "--dataset", "shapes", "--width", "0.125", "--train-subset", "256",
                          "--batch-size", "64", "--objective", objective, "--epochs", "2", "--lr", "1e6",
@@ -62,7 +52,18 @@ def test_divergence_stops_with_a_message_and_no_nonfinite_checkpoint(objective, 
         assert history[-1]["field"] == "lr" and history[-1]["to"] == 1e-4
         for p in bad.glob("*.pt"):
             assert _all_finite(p), p
-    # the healthy run: a lower rate on resume is accepted, recorded, and used from that epoch on
+
+
+def test_resume_may_lower_the_learning_rate_but_not_raise_it(tmp_path):
+    """Raising --lr on resume is refused; lowering it is accepted, recorded, and used from that epoch on."""
+    out = tmp_path / "run"
+    train.run(TrainConfig(**TINY, objective="rl", epochs=1, lr=1e-3), RunOptions(out=str(out), progress=False))
+    good = torch.load(out / "last.pt", weights_only=True)["model"]
+    code, _, err = _cli(["aerl_fast.train", "--resume", str(out), "--epochs", "3", "--no-progress",
+                         "--checkpoint-minutes", "1e-9"], cwd=tmp_path)
+    assert code == 0, err  # same lr: trains on
+    code, _, err = _cli(["aerl_fast.train", "--resume", str(out), "--epochs", "4", "--lr", "1e6", "--no-progress"])
+    assert code == 2 and "may only be lowered" in err and "Traceback" not in err
     code, _, err = _cli(["aerl_fast.train", "--resume", str(out), "--epochs", "4", "--lr", "1e-4", "--no-progress"])
     assert code == 0, err
     history = json.loads((out / "config.json").read_text())["resume_history"]
