@@ -381,3 +381,16 @@ def test_a_cell_another_process_trains_is_left_to_it_then_waited_for(tmp_path, m
     assert trained == [c.name for c in cells[1:]] + ([] if other_finishes else [cells[0].name])
     assert any("another process is training it" in m for m in logs)
     assert all((runs / c.name / "summary.json").is_file() for c in cells)
+
+
+def test_accuracy_over_epochs_runs_one_pgd_and_nothing_else():
+    """The matrix's evaluation (verdict, aa-fast, transfer, ...) must not run once per epoch checkpoint."""
+    from aerl_fast.reproduce.evaluation import curve_config
+    full = evaluate.EvalConfig(attacks=("fgsm", "aa-fast", "pgd-l2", "pgd-linf"), l2_eps=(0.5, 1.0), linf_eps=(8 / 255,),
+                               transfer=True, dynamics=True, landscape=3, masking=True, verdict=True, steps=7)
+    one = curve_config(full)
+    assert one.attacks == ("pgd-l2",) and one.radii("pgd-l2") == (0.5,)
+    assert not (one.verdict or one.transfer or one.dynamics or one.masking or one.landscape)
+    assert (one.steps, one.n_test, one.subset_seed) == (7, full.n_test, full.subset_seed)  # the matrix's own PGD
+    plain = curve_config(evaluate.EvalConfig(eps=(2.0,)))
+    assert plain.attacks == ("pgd-l2",) and plain.radii("pgd-l2") == (2.0,) and not plain.verdict

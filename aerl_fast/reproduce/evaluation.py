@@ -84,9 +84,10 @@ def epoch_checkpoints(run_dir: Path) -> List[Path]:
 
 
 def curve_config(config: EvalConfig) -> EvalConfig:
-    """The accuracy-over-epochs attack: the matrix's PGD-L2 at its first radius, nothing else."""
-    return replace(config, l2_eps=(config.radii("pgd-l2")[0],), eps=(), transfer=False, dynamics=False,
-                   landscape=0, masking=False).validate()
+    """The accuracy-over-epochs attack: the matrix's PGD-L2 at its first radius, nothing else (no other
+    attack, no analysis, no verdict: one PGD per epoch checkpoint)."""
+    return replace(config, attacks=("pgd-l2",), l2_eps=(config.radii("pgd-l2")[0],), eps=(), linf_eps=(),
+                   transfer=False, dynamics=False, landscape=0, masking=False, verdict=False).validate()
 
 
 def eval_checkpoint(path: Path, test_set, config: EvalConfig) -> dict:
