@@ -1,7 +1,6 @@
 """Dataset readers against files written in their genuine formats."""
 import io
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +206,7 @@ def test_imagefolder_missing(tmp_path):
 # --------------------------------------------------------------------------------- shapes, split
 
 def test_shapes_deterministic_balanced_and_distinct_splits():
-    from aerl_fast.data.shapes import generate_shapes, load_shapes
+    from aerl_fast.data.shapes import generate_shapes
     a = generate_shapes(300, seed=4)
     b = generate_shapes(300, seed=4)
     np.testing.assert_array_equal(a.images, b.images)

@@ -171,7 +171,7 @@ def test_killed_distributed_run_resumes_mid_epoch(rl_run, tmp_path):
 # ------------------------------------------------------------------ worker side (run by torchrun)
 
 def _equivalence_job(run_dir: str):
-    from aerl_fast import distributed, runtime
+    from aerl_fast import distributed
     from aerl_fast import train as train_mod
     from aerl_fast.config import RunOptions, TrainConfig
     from aerl_fast.objectives import train_step
