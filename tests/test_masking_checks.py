@@ -201,6 +201,39 @@ def test_large_epsilon_attack_breaks_an_honest_model_and_not_a_masked_one(norm):
     assert mk.large_epsilon_accuracy(FarBoundary(True), x, y, norm=norm, steps=1, batch_size=2) == 0.6
 
 
+@pytest.mark.parametrize("steps, clamp", [(3, True), (50, False)])
+def test_large_epsilon_attack_is_early_stopped_pgd_from_the_clean_point(monkeypatch, steps, clamp):
+    """The box-covering attack: the caller's norm and clamp, at least 20 steps of a tenth of the
+    radius, no random start, a sample counts as broken the first time any iterate fools the model."""
+    import aerl_fast.attacks as attacks
+    calls, real = [], attacks.pgd
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x, y = torch.full((5, 1, 2, 2), 0.05), torch.zeros(5, dtype=torch.long)
+    mk.large_epsilon_accuracy(FarBoundary(), x, y, norm="l2", steps=steps, clamp=clamp, batch_size=3)
+    assert len(calls) == 2   # batches of 3 and 2
+    for k in calls:
+        assert (k["norm"], k["steps"], k["random_start"], k["early_stop"], k["clamp"]) == \
+            ("l2", max(20, steps), False, True, clamp)
+        assert k["eps"] == 2.0 and k["step"] == pytest.approx(0.2)
+
+
+def test_gradient_health_runs_in_fp32_unless_asked_for_lower_precision():
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.autocast = nn.Linear(4, 3), []
+
+        def forward(self, x):
+            self.autocast.append(torch.is_autocast_enabled(x.device.type))
+            return self.lin(x.flatten(1))
+
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 2])
+    spy = Spy()
+    mk.gradient_health(spy, x, y)
+    mk.gradient_health(spy, x, y, amp_dtype=torch.bfloat16)
+    assert spy.autocast == [False, True]
+
+
 @pytest.mark.parametrize("square, flagged", [(0.28, True), (0.295, False), (0.30, False), (0.5, False)])
 def test_gradient_free_flags_only_square_beating_the_gradient_attack_by_the_tolerance(square, flagged):
     f = mk.check_gradient_free(square, 0.30, n=40)
@@ -220,7 +253,7 @@ def test_gradient_free_not_run_says_why():
 def test_gradients_flag_counts_zero_and_non_finite_rows_against_the_threshold(zero, nonfinite, threshold, flagged):
     h = {"n": 100, "zero": zero, "nonfinite": nonfinite, "saturated": 0, "precision": "float32", "loss": "ce"}
     f = mk.check_gradients(h, threshold)
-    assert f.flagged is flagged and f.numbers["threshold"] == threshold
+    assert f.flagged is flagged and f.numbers == dict(h, threshold=threshold)  # metrics.json keeps the counts
     assert f.observed.startswith(f"{zero} zero and {nonfinite} non-finite input gradients of the ce loss in float32 "
                                  "among 100 samples")
     assert ("cannot move these points" in f.observed) is flagged

@@ -82,17 +82,18 @@ def test_ordering_compares_each_kind_with_the_union_of_the_white_box_attacks():
     attack; FGSM breaks only what white-box breaks; there is no gradient-free attack."""
     n = 20
     attacks = [AttackBreaks("pgd", WHITE_BOX, _mask(n, [0, 1])), AttackBreaks("apgd-dlr", WHITE_BOX, _mask(n, [5])),
-               AttackBreaks("t1", TRANSFER, _mask(n, [0, 5, 6])), AttackBreaks("t2", TRANSFER, _mask(n, [6, 7, 8])),
+               AttackBreaks("t1", TRANSFER, _mask(n, [0, 5, 6])), AttackBreaks("a2", TRANSFER, _mask(n, [6, 7, 8])),
                AttackBreaks("fgsm", SINGLE_STEP, _mask(n, [1, 5]))]
     f = {x.check: x for x in check_ordering(attacks, n)}
     assert f["ordering_transfer"].flagged is True
-    assert f["ordering_transfer"].numbers == {"missed_by_white_box": 3, "by_attack": {"t1": 1, "t2": 3},
+    assert f["ordering_transfer"].numbers == {"missed_by_white_box": 3, "by_attack": {"t1": 1, "a2": 3},
                                               "threshold": 2}
-    assert f["ordering_transfer"].observed.startswith(
-        "3 of 20 points are broken by transfer from other models but by no white-box attack (most by t2: 3)")
+    assert f["ordering_transfer"].observed == (   # a2 breaks most (not the first or last name)
+        "3 of 20 points are broken by transfer from other models but by no white-box attack (most by a2: 3): "
+        "the model's own gradients are the weaker attack")
     assert f["ordering_single_step"].flagged is False
     assert f["ordering_single_step"].numbers["missed_by_white_box"] == 0
-    assert "(most by" not in f["ordering_single_step"].observed
+    assert f["ordering_single_step"].observed == "0 of 20 points are broken by single-step FGSM but by no white-box attack"
     assert f["ordering_gradient_free"].flagged is None
     assert f["ordering_gradient_free"].observed == "needs the gradient-free Square attack and a white-box attack"
 
@@ -134,7 +135,17 @@ def test_self_test_threshold(broken, attempted, flagged):
     assert ("the ATTACK fails" in f.observed) is flagged
     assert check_self_test(broken, attempted, min_rate=broken / attempted).flagged is False
     none = check_self_test(0, 0)
-    assert none.flagged is None and none.numbers == {}
+    assert (none.check, none.flagged, none.numbers) == ("attack_self_test", None, {})
+    assert none.observed == "no clean-correct point to build the breakable model on"
+
+
+def test_self_test_reports_word_for_word():
+    failed, passed = check_self_test(18, 20), check_self_test(19, 20)
+    assert (failed.check, failed.observed) == (
+        "attack_self_test", "the attack broke 18 of 20 points of the same model with a shortcut to a wrong class "
+        "inside the ε-ball (90%; needs 95%): the ATTACK fails, so its numbers say nothing about the model")
+    assert passed.observed == ("the attack broke 19 of 20 points of the same model with a shortcut to a wrong "
+                               "class inside the ε-ball (95%; needs 95%)")
 
 
 def _flag(check, flagged, observed="seen"):
