@@ -167,6 +167,14 @@ def test_epsilon_curve_not_run_without_a_curve():
     assert mk.check_epsilon_curve([], [], None, None).flagged is None
 
 
+def test_zero_gradient_note_on_an_empty_set_and_the_epsilon_curve_at_its_tolerance():
+    assert mk.check_zero_gradients(0, 0).observed.startswith("0 of 0 samples (0.0%) have")
+    exact = mk.check_epsilon_curve([1.0, 2.0], [0.25, 0.5], None, None, tol=0.25)   # a rise of exactly tol
+    assert exact.flagged is False
+    assert mk.check_epsilon_curve([1.0, 2.0], [0.25, 0.5], None, None, tol=0.125).flagged is True
+    assert "0.0% of 0 clean-correct samples" in mk.check_epsilon_curve([], [], 8.0, 0.0).observed
+
+
 def test_large_epsilon_reaches_across_the_box():
     assert mk.large_epsilon("linf", (3, 32, 32)) == 1.0
     assert mk.large_epsilon("l2", (3, 32, 32)) == pytest.approx(math.sqrt(3072))
@@ -208,13 +216,22 @@ def test_large_epsilon_attack_is_early_stopped_pgd_from_the_clean_point(monkeypa
     import aerl_fast.attacks as attacks
     calls, real = [], attacks.pgd
     monkeypatch.setattr(attacks, "pgd", lambda *a, **k: calls.append(k) or real(*a, **k))
-    x, y = torch.full((5, 1, 2, 2), 0.05), torch.zeros(5, dtype=torch.long)
-    mk.large_epsilon_accuracy(FarBoundary(), x, y, norm="l2", steps=steps, clamp=clamp, batch_size=3)
+    x, y = torch.full((5, 2, 2, 2), 0.05), torch.zeros(5, dtype=torch.long)
+    mk.large_epsilon_accuracy(FarBoundary(), x, y, norm="l2", steps=steps, clamp=clamp, loss="margin", batch_size=3)
     assert len(calls) == 2   # batches of 3 and 2
     for k in calls:
-        assert (k["norm"], k["steps"], k["random_start"], k["early_stop"], k["clamp"]) == \
-            ("l2", max(20, steps), False, True, clamp)
-        assert k["eps"] == 2.0 and k["step"] == pytest.approx(0.2)
+        assert (k["norm"], k["steps"], k["random_start"], k["early_stop"], k["clamp"], k["loss"]) == \
+            ("l2", max(20, steps), False, True, clamp, "margin")
+        assert k["eps"] == pytest.approx(math.sqrt(8)) and k["step"] == pytest.approx(math.sqrt(8) / 10)
+    calls.clear()
+    mk.large_epsilon_accuracy(FarBoundary(), x, y, norm="linf", steps=steps)
+    assert (calls[0]["clamp"], calls[0]["loss"], calls[0]["eps"], calls[0]["norm"]) == (True, "ce", 1.0, "linf")
+
+
+@pytest.mark.parametrize("quantise, expected", [(False, 0.0), (True, 1.0)])
+def test_large_epsilon_accuracy_of_a_single_sample(quantise, expected):
+    x, y = torch.full((1, 1, 2, 2), 0.05), torch.zeros(1, dtype=torch.long)
+    assert mk.large_epsilon_accuracy(FarBoundary(quantise), x, y, norm="l2", steps=1) == expected
 
 
 def test_gradient_health_runs_in_fp32_unless_asked_for_lower_precision():

@@ -80,3 +80,21 @@ def test_the_scheduler_hands_the_optimizer_these_rates(schedule):
             expected = 1 - 0.8 * frac if schedule == "warmup-linear" else 0.2 + 0.4 * (1 + math.cos(math.pi * frac))
         assert lr == pytest.approx(3e-3 * expected, rel=1e-9), s
     assert seen[-1] == pytest.approx(3e-3 if schedule == "constant" else 6e-4)
+
+
+@pytest.mark.parametrize("schedule", ["warmup-linear", "cosine"])
+def test_a_decay_of_one_step_ends_at_the_final_fraction(schedule):
+    """Two epochs of one step, the first a warm-up: the decay lasts one step and ends on the final rate."""
+    c = cfg(schedule, epochs=2, warmup=1.0, final=0.1)
+    assert [lr_factor(c, s, 1) for s in range(3)] == pytest.approx([1.0, 1.0, 0.1])
+    single = cfg(schedule, epochs=1, warmup=0.0, final=0.1)   # one step in all
+    assert [lr_factor(single, s, 1) for s in range(2)] == pytest.approx([1.0, 0.1])
+
+
+def test_the_fused_optimizer_is_asked_for_only_where_it_is_supported():
+    """torch has a fused AdamW for CUDA and the CPU (one kernel per step); elsewhere the default."""
+    from aerl_fast.optim import fused_adamw_supported
+    for device, fused in ((torch.device("cpu"), True), (torch.device("meta"), False)):
+        assert fused_adamw_supported(device) is fused
+        opt, _ = build_optimizer(torch.nn.Linear(3, 2), cfg("constant"), device, SPE)
+        assert bool(opt.defaults.get("fused")) is fused

@@ -142,3 +142,14 @@ def test_no_models_is_an_error():
     x, y = _images()
     with pytest.raises(TransferError, match="no models given"):
         transfer_matrix({}, x, y, lambda m, xb, yb: xb)
+
+
+def test_per_sample_outcomes_are_booleans_and_errors_say_what_is_missing():
+    x, y = _images()
+    models = {"const": Constant(), "reader": Reader()}
+    res = transfer_matrix(models, x, y, scripted(models, []), batch_size=4)
+    assert res.robust.dtype == torch.bool and res.robust.shape == (2, 2, N)
+    with pytest.raises(TransferError, match="^cannot tell the model's class count without a probe input$"):
+        num_classes(Reader())
+    with pytest.raises(TransferError, match="^transfer matrix: no models given$"):
+        transfer_matrix({}, x, y, scripted(models, []))
