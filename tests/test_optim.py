@@ -94,6 +94,7 @@ def test_a_decay_of_one_step_ends_at_the_final_fraction(schedule):
 def test_the_fused_optimizer_is_asked_for_only_where_it_is_supported():
     """torch has a fused AdamW for CUDA and the CPU (one kernel per step); elsewhere the default."""
     from aerl_fast.optim import fused_adamw_supported
+    assert fused_adamw_supported(torch.device("cuda")) and fused_adamw_supported(torch.device("cuda", 1))
     for device, fused in ((torch.device("cpu"), True), (torch.device("meta"), False)):
         assert fused_adamw_supported(device) is fused
         opt, _ = build_optimizer(torch.nn.Linear(3, 2), cfg("constant"), device, SPE)
