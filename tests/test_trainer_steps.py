@@ -41,9 +41,17 @@ def _watch(cfg, tmp_path):
     return steps, log, len(tr.loader)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread while these runs train (restored after: later tests' digests depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def adversarial_run(tmp_path_factory):
-    torch.set_num_threads(1)
     cfg = TrainConfig(**TINY, objective="sl-adv", adv_start_epoch=2, grad_clip=CLIP, lr=2e-3,
                       schedule="warmup-linear", warmup_epochs=1, final_lr_frac=0.1).validate()
     return _watch(cfg, tmp_path_factory.mktemp("adv"))
@@ -51,7 +59,6 @@ def adversarial_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
-    torch.set_num_threads(1)
     cfg = TrainConfig(**TINY, objective="sl", adv_start_epoch=0, grad_clip=0.0, lr=2e-3).validate()
     return _watch(cfg, tmp_path_factory.mktemp("plain"))
 
