@@ -78,7 +78,7 @@ def passes(fooled, first, compact_every):
     return grads, forwards
 
 
-@pytest.mark.parametrize("compact_every", [1, 3])
+@pytest.mark.parametrize("compact_every", [1, 2, 3])
 @pytest.mark.parametrize("norm, targeted", list(SEEDS))
 def test_pgd_keeps_the_first_fooling_iterate_and_pays_until_it_leaves(norm, targeted, compact_every):
     model, w, b, x, y, eps = problem(SEEDS[norm, targeted], norm)
@@ -176,3 +176,30 @@ def test_apgd_t_and_its_autoattack_stage_stop_on_any_wrong_class(norm):
     assert aa.robust.tolist() == [False, True] and aa.broken_by.tolist() == [0, -1]
     with torch.no_grad():
         assert model(aa.x_adv).argmax(1).tolist() == [2, 0]
+
+
+class Window(nn.Module):
+    """Two classes; class 1 (wrong for label 0) while pixel 0 lies in (0.32, 0.36), through a step
+    function with no gradient, or above 0.5. The CE gradient always pushes pixel 0 up, so an L∞ PGD
+    from 0.20 with steps of 0.07 crosses the window (0.34 at iterate 2) and leaves it again."""
+
+    def forward(self, x):
+        p = x.flatten(1)[:, 0]
+        window = ((p > 0.32) & (p < 0.36)).float().detach()
+        return torch.stack([torch.full_like(p, 0.5), p + 10 * window], 1)
+
+
+@pytest.mark.parametrize("compact_every, grads", [(1, 3), (2, 3), (3, 4)])
+def test_a_sample_fooled_between_compactions_keeps_its_fooling_iterate_and_leaves(compact_every, grads):
+    """Sample 0 is fooled only at iterate 2 and must leave, fooled, with that iterate at the next
+    compaction; sample 1 (from 0.0) is never fooled and runs all 4 steps to 0.28."""
+    x = torch.zeros(2, 1, 1, 2)
+    x[0, 0, 0, 0] = 0.20
+    y = torch.zeros(2, dtype=torch.long)
+    res = pgd(Window(), x, y, eps=0.5, step=0.07, steps=4, norm="linf", random_start=False, clamp=True,
+              early_stop=True, compact_every=compact_every, return_result=True)
+    assert res.fooled.tolist() == [True, False]
+    torch.testing.assert_close(res.x_adv[:, 0, 0, 0], torch.tensor([0.34, 0.28]), atol=1e-6, rtol=0)
+    assert torch.equal(res.x_adv[:, 0, 0, 1], x[:, 0, 0, 1])
+    assert res.grad_evals == grads + 4    # sample 0 leaves after `grads` gradients, sample 1 spends all 4
+    assert res.forwards == grads + 5      # and sample 1 one forward more: the last iterate's check
