@@ -344,3 +344,18 @@ def test_autoattack_missing_says_how_to_install(monkeypatch, sl, data):
     with pytest.raises(AutoAttackMissing, match=r"pip install 'aerl_fast\[autoattack\]'"):
         autoattack(sl, x[:4], y[:4], eps=0.5, norm="l2")
     assert issubclass(AutoAttackMissing, UserError)
+
+
+def test_random_start_moves_the_first_iterate_and_the_default_is_ten_steps():
+    """A model whose decision never changes: the random start alone separates the two runs, and the
+    documented defaults (10 steps, L∞, random start) decide the pass count and the ball."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.rand(5, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    with_start = pgd(model, x, y, eps=0.1, step=0.0, steps=1, seed=0, return_result=True)
+    without = pgd(model, x, y, eps=0.1, step=0.0, steps=1, random_start=False, return_result=True)
+    assert torch.equal(without.x_adv, x)                       # step 0 and no start: the images themselves
+    assert not torch.equal(with_start.x_adv, x)
+    assert float((with_start.x_adv - x).abs().max()) <= 0.1 + 1e-6
+    default = pgd(model, x, y, eps=0.1, step=0.01, return_result=True)
+    assert default.grad_evals == 10 * x.shape[0]
+    assert float((default.x_adv - x).abs().max()) <= 0.1 + 1e-6 and not torch.equal(default.x_adv, x)
