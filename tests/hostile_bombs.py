@@ -20,10 +20,6 @@ def _status_bytes(key: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def _vm_size() -> int:
-    return _status_bytes("VmSize")
-
-
 def _peak_rss() -> int:
     """This process's own peak: getrusage's ru_maxrss also counts the parent's peak from before exec."""
     return _status_bytes("VmHWM")
@@ -43,7 +39,7 @@ def main(path: str) -> None:
         import nvidia.dali  # noqa: F401
     except ImportError:
         pass
-    limit = _vm_size() + HEADROOM
+    limit = _status_bytes("VmSize") + HEADROOM
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     print(json.dumps({"name": "__limit__", "limit": limit}), flush=True)
     for case in cases:

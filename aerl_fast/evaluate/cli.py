@@ -68,7 +68,7 @@ def _parse(argv) -> Parsed:
 
 
 def _main(argv) -> Optional[dict]:
-    args = parse_args(argv)
+    args = _parse(argv)   # main's run_cli turns a UserError into the one-line exit
     out = Path(args.options.out) if args.options.out else Path("results") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.options.overwrite:
         raise UserError(f"{out} already holds files; pass --overwrite to write into it, or choose another --out")
